@@ -1,0 +1,163 @@
+"""Structured-config schemas, registered in Hydra's ConfigStore so that typos and wrong types fail
+at composition. Each YAML option under `conf/` names its schema in its defaults list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+# -- model ------------------------------------------------------------------------------------
+# Input and output sizes are not config: the data tells the model its shape when it is built.
+
+
+@dataclass
+class MLPConfig:
+    _target_: str = "stepwise.models.MLP"
+    hidden_sizes: list[int] = field(default_factory=lambda: [128, 128])
+    activation: str = "relu"
+
+
+@dataclass
+class LinearConfig:
+    _target_: str = "stepwise.models.Linear"
+
+
+# -- data -------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    """Loader settings shared by every dataset; the `_target_` builds the arrays."""
+
+    _target_: str = MISSING
+    batch_size: int = 32
+    drop_last: bool = False
+    num_workers: int = 0
+
+
+@dataclass
+class DigitsConfig(DataConfig):
+    _target_: str = "stepwise.data.digits"
+    val_fraction: float = 0.2
+    split_seed: int = 0
+
+
+@dataclass
+class SyntheticConfig(DataConfig):
+    _target_: str = "stepwise.data.synthetic"
+    task: str = "classification"
+    train_samples: int = 1024
+    val_samples: int = 256
+    num_features: int = 32
+    num_classes: int = 10
+    noise_std: float = 0.1
+    seed: int = 0
+
+
+@dataclass
+class LinRegConfig(DataConfig):
+    _target_: str = "stepwise.data.linreg"
+    weights: list[float] = field(default_factory=lambda: [-2.0, 3.4])
+    bias: float = 4.2
+    noise_std: float = 0.01
+    train_samples: int = 1000
+    val_samples: int = 1000
+    seed: int = 0
+
+
+# -- parallelism, optimisation, training ------------------------------------------------------
+@dataclass
+class ParallelConfig:
+    mode: str = "single"
+
+
+@dataclass
+class OptimConfig:
+    """A torch.optim class, built with `_partial_` and then given the parameters and scaled LR."""
+
+    _target_: str = MISSING
+    _partial_: bool = True
+    lr: float = 0.1
+    weight_decay: float = 0.0
+
+
+@dataclass
+class SGDConfig(OptimConfig):
+    _target_: str = "torch.optim.SGD"
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+
+
+@dataclass
+class AdamWConfig(OptimConfig):
+    _target_: str = "torch.optim.AdamW"
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+
+
+@dataclass
+class LRScalingConfig:
+    rule: str = "none"
+    base_batch_size: int = 32
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 10
+    max_steps: int = -1
+    partial_window: str = "step"
+    device: str = "auto"
+    precision: str = "32"
+    grad_clip_norm: Optional[float] = None
+    log_every_n_steps: int = 1
+    val_every_n_epochs: int = 1
+    progress_bar: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "mlflow"
+    tracking_uri: Optional[str] = None
+    experiment_name: str = "stepwise"
+    run_name: Optional[str] = None
+
+
+@dataclass
+class Config:
+    defaults: list[Any] = field(default_factory=list)
+    model: Any = MISSING
+    data: Any = MISSING
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: Any = MISSING
+    lr_scaling: LRScalingConfig = field(default_factory=LRScalingConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    accum: Optional[int] = None
+    effective_batch_size: Optional[int] = None
+    seed: int = 0
+    dry_run: bool = False
+
+
+SCHEMAS = {
+    "model": {"mlp": MLPConfig, "linear": LinearConfig},
+    "data": {"digits": DigitsConfig, "synthetic": SyntheticConfig, "linreg": LinRegConfig},
+    "parallel": {"single": ParallelConfig},
+    "optim": {"sgd": SGDConfig, "adamw": AdamWConfig},
+    "lr_scaling": {"lr_scaling": LRScalingConfig},
+    "trainer": {"trainer": TrainerConfig},
+    "logger": {"logger": LoggerConfig},
+}
+
+
+def register_configs() -> None:
+    """Store the root schema and one schema per group option under `schema/<group>/<name>`."""
+    cs = ConfigStore.instance()
+    cs.store(name="stepwise_schema", node=Config)
+    for group, options in SCHEMAS.items():
+        for name, node in options.items():
+            cs.store(group=f"schema/{group}", name=name, node=node)

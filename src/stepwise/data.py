@@ -1,0 +1,135 @@
+"""Datasets as arrays (no torch import: the plan and dry runs need only their sizes), and the
+order-preserving sampler that turns the plan into per-rank micro-batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from stepwise.errors import ConfigError
+
+TASKS = ("classification", "regression")
+LOADER_KEYS = ("_target_", "batch_size", "drop_last", "num_workers")
+
+
+@dataclass(frozen=True)
+class ArrayData:
+    """Train and validation arrays plus the shape the model must take."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    task: str
+    num_features: int
+    num_outputs: int
+
+    @property
+    def train_samples(self) -> int:
+        return len(self.x_train)
+
+
+def build_data(data_cfg: Any) -> ArrayData:
+    """Call the data group's `_target_` with its dataset keys (the loader keys stay behind)."""
+    from hydra.utils import get_method
+
+    kwargs = {k: v for k, v in dict(data_cfg).items() if k not in LOADER_KEYS}
+    return get_method(data_cfg["_target_"])(**kwargs)
+
+
+def _split(x: np.ndarray, y: np.ndarray, val: int, seed: int) -> tuple[np.ndarray, ...]:
+    order = np.random.default_rng(seed).permutation(len(x))
+    val_idx, train_idx = order[:val], order[val:]
+    return x[train_idx], y[train_idx], x[val_idx], y[val_idx]
+
+
+def digits(val_fraction: float = 0.2, split_seed: int = 0) -> ArrayData:
+    """scikit-learn's 1797 handwritten digits (8x8, 10 classes), pixels scaled to [0, 1]."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError("data.val_fraction", val_fraction, "must be in [0, 1)",
+                          "use e.g. data.val_fraction=0.2")
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.data / 16.0).astype(np.float32)
+    y = bunch.target.astype(np.int64)
+    val = int(round(val_fraction * len(x)))
+    return ArrayData(*_split(x, y, val, split_seed), task="classification",
+                     num_features=x.shape[1], num_outputs=10)
+
+
+def synthetic(task: str = "classification", train_samples: int = 1024, val_samples: int = 256,
+              num_features: int = 32, num_classes: int = 10, noise_std: float = 0.1,
+              seed: int = 0) -> ArrayData:
+    """Gaussian inputs labelled by a random linear teacher (argmax for classification)."""
+    if task not in TASKS:
+        raise ConfigError("data.task", task, "unknown task", f"use one of {', '.join(TASKS)}")
+    for key, value in (("data.train_samples", train_samples), ("data.num_features", num_features),
+                       ("data.num_classes", num_classes)):
+        if value <= 0:
+            raise ConfigError(key, value, "must be positive", f"set {key} to 1 or more")
+    if val_samples < 0:
+        raise ConfigError("data.val_samples", val_samples, "must be >= 0", "set it to 0 or more")
+    rng = np.random.default_rng(seed)
+    n = train_samples + val_samples
+    x = rng.standard_normal((n, num_features)).astype(np.float32)
+    outputs = num_classes if task == "classification" else 1
+    teacher = rng.standard_normal((num_features, outputs)) / np.sqrt(num_features)
+    scores = x @ teacher + noise_std * rng.standard_normal((n, outputs))
+    if task == "classification":
+        y = scores.argmax(axis=1).astype(np.int64)
+    else:
+        y = scores.astype(np.float32)
+    return ArrayData(x[:train_samples], y[:train_samples], x[train_samples:], y[train_samples:],
+                     task=task, num_features=num_features, num_outputs=outputs)
+
+
+def linreg(weights: list[float] = (-2.0, 3.4), bias: float = 4.2, noise_std: float = 0.01,
+           train_samples: int = 1000, val_samples: int = 1000, seed: int = 0) -> ArrayData:
+    """y = x @ weights + bias + N(0, noise_std^2), x ~ N(0, 1): the textbook regression data."""
+    if train_samples <= 0:
+        raise ConfigError("data.train_samples", train_samples, "must be positive",
+                          "set data.train_samples to 1 or more")
+    rng = np.random.default_rng(seed)
+    w = np.asarray(weights, dtype=np.float64)
+    x = rng.standard_normal((train_samples + val_samples, len(w)))
+    y = (x @ w + bias + noise_std * rng.standard_normal(len(x)))[:, None]
+    x, y = x.astype(np.float32), y.astype(np.float32)
+    return ArrayData(x[:train_samples], y[:train_samples], x[train_samples:], y[train_samples:],
+                     task="regression", num_features=len(w), num_outputs=1)
+
+
+# -- the order-preserving sampler ---------------------------------------------------------------
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's order of the n training indices: a function of (seed, epoch) and n only."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class MicroBatchSampler:
+    """Yields, for one rank, the index list of each micro-step of an epoch, in plan order.
+
+    Global micro-step j covers permutation[j*b*W : (j+1)*b*W]; this rank takes its block
+    (`Plan.shard`). Micro-steps of a dropped partial window are not yielded. An empty block
+    yields one padding index, which the loop gives zero weight (see `Plan.shard`).
+    Usable as a DataLoader `batch_sampler`; call `set_epoch` before each epoch.
+    """
+
+    def __init__(self, plan: Any, rank: int, seed: int, blocks: int = 1) -> None:
+        self.plan, self.rank, self.seed, self.epoch = plan, rank, seed, 0
+        # DataParallel loads the whole b x W slice in one process: one "rank" spanning W blocks.
+        self.blocks = blocks
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.plan.used_micro_steps_per_epoch()
+
+    def __iter__(self):
+        perm = epoch_permutation(self.plan.train_samples, self.seed, self.epoch)
+        for j in range(len(self)):
+            start, stop = self.plan.shard(j, self.rank, self.blocks)
+            yield perm[start:stop].tolist() if stop > start else [int(perm[0])]

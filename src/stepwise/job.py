@@ -1,0 +1,126 @@
+"""From a composed config to a validated job: every user mistake is found here, before any work.
+
+No torch and no mlflow imports on this path, so that `dry_run=true` answers in about a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stepwise.config import Config
+from stepwise.data import ArrayData, build_data
+from stepwise.errors import ConfigError
+from stepwise.plan import Plan, derive_accum, make_plan
+
+PARALLEL_MODES = ("single",)
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("32", "64")
+LOGGER_BACKENDS = ("mlflow", "none")
+ACTIVATIONS = ("relu", "gelu", "tanh")
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a run needs, fixed before it starts (derived values live in `plan` only)."""
+
+    config: Config
+    data: ArrayData
+    plan: Plan
+    run_dir: Path
+    start_dir: Path
+
+    def config_dict(self) -> dict[str, Any]:
+        tree = dataclasses.asdict(self.config)
+        tree.pop("defaults", None)
+        return tree
+
+
+def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(key, value, "unknown value", f"use one of {', '.join(allowed)}")
+
+
+def validate(config: Config) -> None:
+    """Check the keys the plan does not cover. Raises ConfigError on the first bad one."""
+    _one_of("parallel", config.parallel.mode, PARALLEL_MODES)
+    trainer = config.trainer
+    _one_of("trainer.device", trainer.device, DEVICES)
+    _one_of("trainer.precision", trainer.precision, PRECISIONS)
+    _one_of("logger.backend", config.logger.backend, LOGGER_BACKENDS)
+    for key, value in (("trainer.log_every_n_steps", trainer.log_every_n_steps),
+                       ("trainer.val_every_n_epochs", trainer.val_every_n_epochs)):
+        if value < 1:
+            raise ConfigError(key, value, "must be at least 1", f"set {key}=1 or more")
+    if trainer.grad_clip_norm is not None and not trainer.grad_clip_norm > 0:
+        raise ConfigError("trainer.grad_clip_norm", trainer.grad_clip_norm, "must be positive",
+                          "set a positive max norm, or null for no clipping")
+    if config.data.num_workers < 0:
+        raise ConfigError("data.num_workers", config.data.num_workers, "must be >= 0",
+                          "use 0 to load in the main process")
+    if hasattr(config.model, "activation"):
+        _one_of("model.activation", config.model.activation, ACTIVATIONS)
+    for key in ("momentum", "weight_decay", "eps"):
+        value = getattr(config.optim, key, 0.0)
+        if value < 0:
+            raise ConfigError(f"optim.{key}", value, "must be >= 0", f"set optim.{key} to 0 or more")
+    if trainer.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer.device", "cuda", "no CUDA device is visible",
+                              "use trainer.device=auto or cpu")
+
+
+def resolve_accum(config: Config, world_size: int) -> int:
+    """`accum` as given, or derived from `effective_batch_size`; both given must agree."""
+    b = config.data.batch_size
+    if config.effective_batch_size is None:
+        return 1 if config.accum is None else config.accum
+    derived = derive_accum(config.effective_batch_size, b, world_size) if b > 0 else 0
+    if config.accum is not None and config.accum != derived:
+        raise ConfigError(
+            "accum", config.accum,
+            f"disagrees with effective_batch_size={config.effective_batch_size} "
+            f"(data.batch_size x world_size = {b} x {world_size} needs accum={derived})",
+            "drop one of the two, or make them agree",
+        )
+    return derived
+
+
+def prepare(config: Config, run_dir: Path, start_dir: Path) -> Job:
+    """Validate the config, load the data's arrays and compute the plan."""
+    validate(config)
+    world_size = 1
+    accum = resolve_accum(config, world_size)
+    data = build_data(dataclasses.asdict(config.data))
+    plan = make_plan(
+        train_samples=data.train_samples, per_device_batch_size=config.data.batch_size,
+        accum=accum, world_size=world_size, drop_last=config.data.drop_last,
+        partial_window=config.trainer.partial_window, max_steps=config.trainer.max_steps,
+        max_epochs=config.trainer.max_epochs, base_lr=config.optim.lr,
+        lr_rule=config.lr_scaling.rule, base_batch_size=config.lr_scaling.base_batch_size,
+    )
+    return Job(config=config, data=data, plan=plan, run_dir=run_dir, start_dir=start_dir)
+
+
+def run_params(job: Job) -> dict[str, Any]:
+    """MLflow params: the flattened resolved config, then the plan's numbers (which win)."""
+    from stepwise.tracking import flatten
+
+    plan = job.plan
+    params = flatten(job.config_dict())
+    params.update(
+        effective_batch_size=plan.effective_batch_size,
+        per_device_batch_size=plan.per_device_batch_size, accum=plan.accum,
+        world_size=plan.world_size, parallel=job.config.parallel.mode,
+        train_samples=plan.train_samples, micro_steps_per_epoch=plan.micro_steps_per_epoch,
+        optimizer_steps_per_epoch=plan.optimizer_steps_per_epoch,
+        last_window_samples=plan.last_window_samples,
+        samples_dropped_per_epoch=plan.samples_dropped_per_epoch,
+        total_optimizer_steps=plan.total_optimizer_steps, total_samples=plan.total_samples,
+        budget=plan.budget, lr_scale_factor=plan.lr_scale_factor, lr=plan.lr,
+    )
+    return params

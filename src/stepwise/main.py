@@ -1,0 +1,60 @@
+"""`python train.py`: the Hydra entry point, and the only code that sees a DictConfig."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from stepwise.config import register_configs
+from stepwise.errors import ConfigError
+
+log = logging.getLogger("stepwise")
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+register_configs()
+
+
+def _discard_empty_run_dir(run_dir: Path) -> None:
+    """A run stopped by a config error leaves no directory behind, unless it holds real work."""
+    leftovers = {p.name for p in run_dir.iterdir()} - {".hydra", f"{HydraConfig.get().job.name}.log"}
+    if not leftovers:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def run(cfg: DictConfig) -> dict[str, float] | None:
+    """Validate, plan, and (unless `dry_run`) train. Config errors exit 2 with one line."""
+    from stepwise.job import prepare
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        job = prepare(OmegaConf.to_object(cfg), run_dir=run_dir, start_dir=Path.cwd())
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        _discard_empty_run_dir(run_dir)
+        sys.exit(2)
+
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    (run_dir / "plan.json").write_text(job.plan.to_json())
+    log.info("plan (also in %s):\n%s", run_dir / "plan.json", job.plan.table())
+    if job.config.dry_run:
+        log.info("dry_run=true: stopping before training")
+        return None
+
+    from stepwise.runner import execute
+
+    return execute(job)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+def main() -> None:
+    _hydra_main()

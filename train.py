@@ -1,0 +1,3 @@
+from stepwise.main import main
+
+main()
