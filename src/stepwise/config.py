@@ -5,7 +5,7 @@ at composition. Each YAML option under `conf/` names its schema in its defaults 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -113,7 +113,7 @@ class TrainerConfig:
     partial_window: str = "step"
     device: str = "auto"
     precision: str = "32"
-    grad_clip_norm: Optional[float] = None
+    grad_clip_norm: float | None = None
     log_every_n_steps: int = 1
     val_every_n_epochs: int = 1
     progress_bar: bool = True
@@ -122,9 +122,9 @@ class TrainerConfig:
 @dataclass
 class LoggerConfig:
     backend: str = "mlflow"
-    tracking_uri: Optional[str] = None
+    tracking_uri: str | None = None
     experiment_name: str = "stepwise"
-    run_name: Optional[str] = None
+    run_name: str | None = None
 
 
 @dataclass
@@ -137,8 +137,8 @@ class Config:
     lr_scaling: LRScalingConfig = field(default_factory=LRScalingConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    accum: Optional[int] = None
-    effective_batch_size: Optional[int] = None
+    accum: int | None = None
+    effective_batch_size: int | None = None
     seed: int = 0
     dry_run: bool = False
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -57,4 +58,26 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    _hydra_main()
+    """Run Hydra; report a composition error in one line (exit 2) unless HYDRA_FULL_ERROR is set."""
+    if os.environ.get("HYDRA_FULL_ERROR"):
+        _hydra_main()
+        return
+    # Ask Hydra to re-raise instead of printing, so that composition errors can be reported in one
+    # line; anything else keeps its traceback, as Hydra would show it with HYDRA_FULL_ERROR=1.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _hydra_main()
+    except Exception as err:
+        from hydra.errors import ConfigCompositionException, OverrideParseException
+
+        if not isinstance(err, (ConfigCompositionException, OverrideParseException)):
+            raise
+        from stepwise.cli_errors import one_line
+
+        message = one_line(err, sys.argv[1:])
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        os.environ.pop("HYDRA_FULL_ERROR", None)

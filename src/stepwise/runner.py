@@ -13,8 +13,8 @@ from stepwise.checkpoint import save_checkpoint
 from stepwise.distributed import Replica, resolve_device
 from stepwise.job import Job, run_params
 from stepwise.loaders import make_loaders
-from stepwise.trainer import Trainer
 from stepwise.tracking import MlflowTracker, NullTracker, default_tracking_uri
+from stepwise.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -71,45 +71,55 @@ def execute(job: Job) -> dict[str, float]:
         tracker.finish(status)
 
 
-def train(job: Job, replica: Replica, tracker) -> dict[str, float]:
-    """Build the model, optimizer and loaders from the config; fit; write the final checkpoint."""
+def build_trainer(job: Job, replica: Replica, tracker) -> Trainer:
+    """Build the model, optimizer, scheduler and loaders from the config, seeded by `seed`."""
     cfg, plan = job.config, job.plan
     dtype = DTYPES[cfg.trainer.precision]
     torch.manual_seed(cfg.seed)
-    model = instantiate(job.config_dict()["model"], in_features=job.data.num_features,
+    tree = job.config_dict()
+    model = instantiate(tree["model"], in_features=job.data.num_features,
                         out_features=job.data.num_outputs).to(dtype)
     wrapped = replica.wrap(model)
-    optimizer = instantiate(job.config_dict()["optim"])(wrapped.parameters(), lr=plan.lr)
+    optimizer = instantiate(tree["optim"])(wrapped.parameters(), lr=plan.lr)
     # Constant for now; stepped once per optimizer step, so schedules slot in unchanged.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     train_loader, val_loader = make_loaders(job.data, plan, replica, seed=cfg.seed,
                                             num_workers=cfg.data.num_workers, dtype=dtype)
-    tracker.log_params(run_params(job))
-    for artifact in ("config.yaml", "plan.json"):
-        tracker.log_artifact(job.run_dir / artifact)
-    progress = _progress(job, replica)
-    trainer = Trainer(
+    return Trainer(
         model=wrapped, optimizer=optimizer, scheduler=scheduler, plan=plan, task=job.data.task,
         train_loader=train_loader, val_loader=val_loader, replica=replica, tracker=tracker,
-        progress=progress, grad_clip_norm=cfg.trainer.grad_clip_norm,
+        progress=_progress(job, replica), grad_clip_norm=cfg.trainer.grad_clip_norm,
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         val_every_n_epochs=cfg.trainer.val_every_n_epochs,
     )
+
+
+def train(job: Job, replica: Replica, tracker) -> dict[str, float]:
+    """Log the job's params and artifacts, fit, and write the final checkpoint."""
+    tracker.log_params(run_params(job))
+    for artifact in ("config.yaml", "plan.json"):
+        tracker.log_artifact(job.run_dir / artifact)
+    trainer = build_trainer(job, replica, tracker)
     try:
         metrics = trainer.fit()
     finally:
-        progress.close()
+        trainer.progress.close()
     if replica.is_main:
-        path = save_checkpoint(job.run_dir / "checkpoints" / "last.pt", {
-            "model": replica.unwrap(wrapped).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "global_step": trainer.counters.global_step,
-            "epoch": trainer.counters.epoch,
-            "samples_seen": trainer.counters.samples_seen,
-            "plan": plan.to_dict(),
-            "config": job.config_dict(),
-        })
-        log.info("checkpoint: %s", path)
+        save_final_checkpoint(job, trainer)
     log.info("done: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     return metrics
+
+
+def save_final_checkpoint(job: Job, trainer: Trainer) -> None:
+    """`checkpoints/last.pt`: the unwrapped model and what a resume needs (DESIGN section 2)."""
+    path = save_checkpoint(job.run_dir / "checkpoints" / "last.pt", {
+        "model": Replica.unwrap(trainer.model).state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict(),
+        "global_step": trainer.counters.global_step,
+        "epoch": trainer.counters.epoch,
+        "samples_seen": trainer.counters.samples_seen,
+        "plan": job.plan.to_dict(),
+        "config": job.config_dict(),
+    })
+    log.info("checkpoint: %s", path)

@@ -1,0 +1,48 @@
+"""Shared helpers: compose the real config, train in-process, and run the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from stepwise.job import Job, prepare
+from stepwise.main import CONF_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compose_config(*overrides: str):
+    """The typed Config that `python train.py <overrides>` would get."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    return OmegaConf.to_object(cfg)
+
+
+def prepare_job(tmp_path: Path, *overrides: str) -> Job:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return prepare(compose_config(*overrides), run_dir=run_dir, start_dir=tmp_path)
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300,
+            check: bool = False) -> subprocess.CompletedProcess:
+    """`python train.py <args>` from `cwd`, with the tracking store defaulting to `cwd`."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """A fresh directory to start commands from (its mlflow.db and outputs/ are the test's)."""
+    return tmp_path

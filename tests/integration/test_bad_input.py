@@ -1,0 +1,71 @@
+"""Bad input: one line naming key, value and fix; exit 2; no traceback; nothing left behind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stepwise.job import Job
+from stepwise.runner import execute
+from stepwise.trainer import Trainer
+from tests.conftest import prepare_job, run_cli
+
+pytestmark = pytest.mark.cli
+
+CASES = [
+    (["accum=0"], "accum=0: must be a positive integer"),
+    (["accum=-2"], "accum=-2: must be a positive integer"),
+    (["data.batch_size=0"], "data.batch_size=0: must be a positive integer"),
+    (["effective_batch_size=100"], "fix: use effective_batch_size=96 or 128"),
+    (["effective_batch_size=128", "accum=2"], "accum=2: disagrees with effective_batch_size=128"),
+    (["trainer.max_steps=0"], "trainer.max_steps=0: must be a positive number"),
+    (["trainer.max_epochs=-1"], "trainer.max_epochs=-1: no budget"),
+    (["lr_scaling.rule=cubic"], "lr_scaling.rule=cubic: unknown rule; fix: use one of none, linear, sqrt"),
+    (["lr_scaling=cubic"], "lr_scaling=cubic: no such option in conf/lr_scaling/"),
+    (["optim.lr=-0.1"], "optim.lr=-0.1: must be positive"),
+    (["trainer.max_step=3"], "trainer.max_step=3: no such key; fix: did you mean trainer.max_steps?"),
+    (["trainer.partial_window=keep"], "trainer.partial_window=keep: unknown policy"),
+    (["accum=abc"], "accum=abc: Value 'abc' of type 'str' could not be converted to Integer"),
+    (["data.batch_size=2000", "data.drop_last=true"], "the plan has no optimizer step"),
+    (["data.batch_size=1000", "accum=3", "trainer.partial_window=drop"],
+     "the plan has no optimizer step"),
+    (["trainer.precision=16-mixed"], "trainer.precision=16-mixed: unknown value"),
+    (["trainer.device=cuda"] if not torch.cuda.is_available() else ["trainer.device=tpu"],
+     "trainer.device="),
+]
+
+
+@pytest.mark.parametrize("args,expected", CASES, ids=[" ".join(a) for a, _ in CASES])
+def test_bad_input_is_one_clear_line(args, expected, workdir):
+    proc = run_cli(*args, cwd=workdir)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert expected in lines[0] and "fix:" in lines[0]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not (workdir / "mlflow.db").exists()  # no run was opened, let alone left RUNNING
+    assert not list(workdir.glob("outputs/*/*"))  # no half-made run directory
+
+
+def test_a_crash_marks_the_run_failed(tmp_path, monkeypatch):
+    job: Job = prepare_job(tmp_path, "trainer.max_epochs=1", "trainer.progress_bar=false",
+                           f"logger.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
+    (job.run_dir / "config.yaml").write_text("{}\n")
+    (job.run_dir / "plan.json").write_text(job.plan.to_json())
+    real_step = Trainer.train_step
+
+    def failing_step(self, batches, window):
+        if self.counters.global_step == 3:
+            raise RuntimeError("injected failure at step 3")
+        return real_step(self, batches, window)
+
+    monkeypatch.setattr(Trainer, "train_step", failing_step)
+    with pytest.raises(RuntimeError, match="injected"):
+        execute(job)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("stepwise").experiment_id])
+    assert run.info.status == "FAILED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3]
+    assert not (job.run_dir / "checkpoints").exists()  # no final checkpoint for a failed run

@@ -1,0 +1,138 @@
+"""`python train.py` end to end: real Hydra composition, real MLflow store read back."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from stepwise.checkpoint import load_checkpoint
+from tests.conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.cli
+
+
+def _client(workdir: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+
+
+def _only_run(workdir: Path):
+    client = _client(workdir)
+    experiment = client.get_experiment_by_name("stepwise")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def _run_dirs(workdir: Path) -> list[Path]:
+    return sorted(p.parent for p in (workdir / "outputs").glob("*/*/.hydra"))
+
+
+def test_default_job_trains_and_logs_the_run(workdir):
+    started = time.monotonic()
+    proc = run_cli(cwd=workdir, check=True)
+    elapsed = time.monotonic() - started
+    assert elapsed < 60, elapsed
+    client, run = _only_run(workdir)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert {k: params[k] for k in ("effective_batch_size", "per_device_batch_size", "accum",
+            "world_size", "parallel", "train_samples", "optimizer_steps_per_epoch",
+            "total_optimizer_steps", "lr")} == {
+        "effective_batch_size": "32", "per_device_batch_size": "32", "accum": "1",
+        "world_size": "1", "parallel": "single", "train_samples": "1438",
+        "optimizer_steps_per_epoch": "45", "total_optimizer_steps": "450", "lr": "0.1"}
+    assert params["trainer.max_epochs"] == "10" and params["model.hidden_sizes"] == "[128, 128]"
+    metrics = run.data.metrics
+    assert metrics["global_step"] == 450 and metrics["val/accuracy"] > 0.9
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == list(range(1, 451))
+    seen = client.get_metric_history(run.info.run_id, "train/samples_seen")
+    assert seen[44].value == 1438 and seen[-1].value == 14380
+    assert len(client.get_metric_history(run.info.run_id, "val/loss")) == 10
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "plan.json"} <= artifacts
+    [run_dir] = _run_dirs(workdir)
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert plan["total_optimizer_steps"] == 450 and plan["effective_batch_size"] == 32
+    checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert checkpoint["global_step"] == 450
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128),
+                                torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    model.load_state_dict(checkpoint["model"])  # the bare model, no wrapper prefixes
+    assert "effective_batch_size (E=b*k*W)  32" in proc.stdout + proc.stderr
+
+
+def test_accum_and_batch_size_give_effective_batch_128(workdir):
+    run_cli("accum=8", "data.batch_size=16", "trainer.max_epochs=2", "lr_scaling=linear",
+            cwd=workdir, check=True)
+    client, run = _only_run(workdir)
+    params = run.data.params
+    assert (params["effective_batch_size"], params["accum"], params["per_device_batch_size"]) == (
+        "128", "8", "16")
+    # 1438 samples: 90 micro-steps of 16 = 11 windows of 8 + a partial window of 2 micro-steps.
+    assert (params["optimizer_steps_per_epoch"], params["total_optimizer_steps"]) == ("12", "24")
+    assert float(params["lr"]) == pytest.approx(0.1 * 128 / 32)
+    assert run.data.metrics["global_step"] == 24
+    lrs = client.get_metric_history(run.info.run_id, "train/lr")
+    assert len(lrs) == 24 and all(m.value == pytest.approx(0.4) for m in lrs)
+
+
+def test_effective_batch_size_derives_accum(workdir):
+    proc = run_cli("effective_batch_size=256", "data.batch_size=32", "dry_run=true",
+                   cwd=workdir, check=True)
+    [run_dir] = _run_dirs(workdir)
+    assert json.loads((run_dir / "plan.json").read_text())["accum"] == 8
+    assert "accum (k)                       8" in proc.stdout + proc.stderr
+    assert not (workdir / "mlflow.db").exists()  # dry runs touch no tracking store
+
+
+def test_linreg_accum_experiment_matches_batch_40(workdir):
+    """The textbook demonstration: batch 10 x accum 4 == batch 40, per epoch and in the weights."""
+    runs = {}
+    for name, args in {"b10k4": [], "b40k1": ["data.batch_size=40", "accum=1"]}.items():
+        run_cli("experiment=linreg_accum", f"logger.run_name={name}",
+                f"hydra.run.dir=outputs/{name}", *args, cwd=workdir, check=True)
+        runs[name] = load_checkpoint(workdir / "outputs" / name / "checkpoints" / "last.pt")
+    client = _client(workdir)
+    experiment = client.get_experiment_by_name("stepwise")
+    losses = {}
+    for run in client.search_runs([experiment.experiment_id]):
+        history = client.get_metric_history(run.info.run_id, "val/loss")
+        losses[run.info.run_name] = [(m.step, m.value) for m in history]
+        assert run.data.params["effective_batch_size"] == "40"
+    assert [s for s, _ in losses["b10k4"]] == [25, 50, 75]
+    for (_, a), (_, b) in zip(losses["b10k4"], losses["b40k1"]):
+        assert abs(a - b) < 1e-12
+    values = [v for _, v in losses["b10k4"]]
+    assert values[0] > values[1] > values[2]  # it is learning y = -2 x1 + 3.4 x2 + 4.2
+    for key, value in runs["b40k1"]["model"].items():
+        assert (runs["b10k4"]["model"][key] - value).abs().max().item() < 1e-12
+    assert runs["b10k4"]["global_step"] == runs["b40k1"]["global_step"] == 75
+
+
+def test_sigterm_marks_the_run_killed(workdir):
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "trainer.max_epochs=100000"],
+                            cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        # Wait for the run to exist (reading the log, not the store, which the job is creating).
+        for line in proc.stdout:
+            if "MLflow run" in line:
+                break
+        time.sleep(2.0)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    client, run = _only_run(workdir)
+    assert run.info.status == "KILLED"
+    assert client.get_metric_history(run.info.run_id, "train/loss")  # what ran is kept
