@@ -74,6 +74,27 @@ class ParallelConfig:
 
 
 @dataclass
+class DDPConfig(ParallelConfig):
+    """DistributedDataParallel: one process per device (CPU: gloo, GPUs: NCCL)."""
+
+    mode: str = "ddp"
+    nproc: int | None = None
+    nnodes: int = 1
+    backend: str = "auto"
+    sync_batchnorm: bool = False
+    find_unused_parameters: bool = False
+    timeout_s: int = 300
+
+
+@dataclass
+class DPConfig(ParallelConfig):
+    """nn.DataParallel over `device_ids` (null: every visible GPU) in one process."""
+
+    mode: str = "dp"
+    device_ids: list[int] | None = None
+
+
+@dataclass
 class OptimConfig:
     """A torch.optim class, built with `_partial_` and then given the parameters and scaled LR."""
 
@@ -146,7 +167,7 @@ class Config:
 SCHEMAS = {
     "model": {"mlp": MLPConfig, "linear": LinearConfig},
     "data": {"digits": DigitsConfig, "synthetic": SyntheticConfig, "linreg": LinRegConfig},
-    "parallel": {"single": ParallelConfig},
+    "parallel": {"single": ParallelConfig, "ddp": DDPConfig, "dp": DPConfig},
     "optim": {"sgd": SGDConfig, "adamw": AdamWConfig},
     "lr_scaling": {"lr_scaling": LRScalingConfig},
     "trainer": {"trainer": TrainerConfig},

@@ -6,10 +6,14 @@ Chosen once per process; the training loop asks it, never `torch.distributed` di
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 from torch import nn
+
+from stepwise.dist_env import DistEnv
 
 
 @dataclass
@@ -27,6 +31,11 @@ class Replica:
     rank: int
     world_size: int
     device: torch.device
+    device_ids: list[int] | None = None
+    sync_batchnorm: bool = False
+    find_unused_parameters: bool = False
+    # Only for measuring what no_sync saves (benchmarks, tests): all-reduce on every micro-step.
+    sync_every_micro_step: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -54,10 +63,13 @@ class Replica:
         if self.mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
+            if self.sync_batchnorm:
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             ids = [self.device.index] if self.device.type == "cuda" else None
-            return DistributedDataParallel(model, device_ids=ids)
+            return DistributedDataParallel(model, device_ids=ids,
+                                           find_unused_parameters=self.find_unused_parameters)
         if self.mode == "dp":
-            return nn.DataParallel(model)
+            return nn.DataParallel(model, device_ids=self.device_ids)
         return model
 
     @staticmethod
@@ -66,7 +78,7 @@ class Replica:
 
     def no_sync(self, model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
         """Skip DDP's gradient all-reduce on every micro-step but the last of a window."""
-        if self.mode == "ddp" and not sync:
+        if self.mode == "ddp" and not sync and not self.sync_every_micro_step:
             return model.no_sync()
         return contextlib.nullcontext()
 
@@ -85,3 +97,41 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     return torch.device("cuda", local_rank)
+
+
+def start_replica(parallel, device: str, env: DistEnv) -> Replica:
+    """The replica for `parallel` (a config section); for DDP, join the process group first.
+
+    Args:
+        parallel: the `parallel` config (mode and its options).
+        device: `trainer.device`.
+        env: this process's launcher environment (torchrun, SLURM or stepwise's spawner).
+    """
+    if parallel.mode == "single":
+        return Replica("single", 0, 1, resolve_device(device))
+    if parallel.mode == "dp":
+        ids = parallel.device_ids or list(range(torch.cuda.device_count()))
+        return Replica("dp", 0, len(ids), torch.device("cuda", ids[0]), device_ids=ids)
+    import torch.distributed as dist
+
+    os.environ.update(env.torch_env())  # SLURM gives these under other names
+    target = resolve_device(device, env.local_rank)
+    if target.type == "cuda":
+        torch.cuda.set_device(target)
+    backend = parallel.backend
+    if backend == "auto":
+        backend = "nccl" if target.type == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
+                            timeout=timedelta(seconds=parallel.timeout_s))
+    return Replica("ddp", env.rank, env.world_size, target,
+                   sync_batchnorm=parallel.sync_batchnorm,
+                   find_unused_parameters=parallel.find_unused_parameters)
+
+
+def stop_replica(replica: Replica) -> None:
+    """Leave the process group (DDP); nothing to do otherwise."""
+    if replica.mode == "ddp":
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()

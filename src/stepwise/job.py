@@ -12,10 +12,12 @@ from typing import Any
 
 from stepwise.config import Config
 from stepwise.data import ArrayData, build_data
+from stepwise.dist_env import DistEnv, ddp_world
 from stepwise.errors import ConfigError
 from stepwise.plan import Plan, derive_accum, make_plan
 
-PARALLEL_MODES = ("single",)
+PARALLEL_MODES = ("single", "dp", "ddp")
+BACKENDS = ("auto", "gloo", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("32", "64")
 LOGGER_BACKENDS = ("mlflow", "none")
@@ -31,6 +33,8 @@ class Job:
     plan: Plan
     run_dir: Path
     start_dir: Path
+    env: DistEnv = DistEnv()
+    nproc: int = 1  # processes per node (ddp); 1 otherwise
 
     def config_dict(self) -> dict[str, Any]:
         tree = dataclasses.asdict(self.config)
@@ -74,6 +78,52 @@ def validate(config: Config) -> None:
                               "use trainer.device=auto or cpu")
 
 
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def resolve_world(config: Config, env: DistEnv) -> tuple[int, int]:
+    """(processes per node, data-parallel world size W) for the parallel mode, checked."""
+    mode, parallel = config.parallel.mode, config.parallel
+    if mode == "single":
+        if env.launched and env.world_size > 1:
+            raise ConfigError("parallel", "single", f"{env.source} started {env.world_size} "
+                              "processes, which would all train the same model alone",
+                              "use parallel=ddp, or start one process")
+        return 1, 1
+    if mode == "dp":
+        gpus = _cuda_devices()
+        if gpus == 0:
+            raise ConfigError("parallel", "dp", "nn.DataParallel needs CUDA devices and none is "
+                              "visible", "use parallel=ddp (gloo on CPU) or parallel=single")
+        ids = parallel.device_ids if parallel.device_ids is not None else list(range(gpus))
+        if not ids or any(not 0 <= i < gpus for i in ids) or len(set(ids)) != len(ids):
+            raise ConfigError("parallel.device_ids", ids, f"must be distinct ids in 0..{gpus - 1}",
+                              "list visible GPUs, or null for all of them")
+        return 1, len(ids)
+    _one_of("parallel.backend", parallel.backend, BACKENDS)
+    if parallel.timeout_s <= 0:
+        raise ConfigError("parallel.timeout_s", parallel.timeout_s, "must be positive",
+                          "set a number of seconds, e.g. parallel.timeout_s=300")
+    gpus = _cuda_devices() if config.trainer.device != "cpu" else 0
+    if parallel.backend == "nccl" and gpus == 0:
+        raise ConfigError("parallel.backend", "nccl", "NCCL needs CUDA devices and none is "
+                          "visible", "use parallel.backend=gloo or auto")
+    if not env.launched and parallel.nnodes > 1:
+        raise ConfigError("parallel.nnodes", parallel.nnodes, "stepwise spawns processes on one "
+                          "node only", "start each node with torchrun (see launch/README.md)")
+    nproc, world = ddp_world(parallel.nproc, parallel.nnodes, env, gpus)
+    if env.launched and world != nproc * parallel.nnodes:
+        raise ConfigError("parallel.nnodes", parallel.nnodes, f"the launcher started {world} "
+                          f"processes, {nproc} per node", f"set parallel.nnodes={world // nproc}")
+    if gpus and nproc > gpus and config.trainer.device != "cpu":
+        raise ConfigError("parallel.nproc", nproc, f"only {gpus} GPUs are visible",
+                          f"set parallel.nproc={gpus} or fewer, or trainer.device=cpu")
+    return nproc, world
+
+
 def resolve_accum(config: Config, world_size: int) -> int:
     """`accum` as given, or derived from `effective_batch_size`; both given must agree."""
     b = config.data.batch_size
@@ -90,10 +140,14 @@ def resolve_accum(config: Config, world_size: int) -> int:
     return derived
 
 
-def prepare(config: Config, run_dir: Path, start_dir: Path) -> Job:
-    """Validate the config, load the data's arrays and compute the plan."""
+def prepare(config: Config, run_dir: Path, start_dir: Path, env: DistEnv = DistEnv()) -> Job:
+    """Validate the config, load the data's arrays and compute the plan.
+
+    Args:
+        env: the launcher's environment (torchrun, SLURM) if any; it fixes the world size.
+    """
     validate(config)
-    world_size = 1
+    nproc, world_size = resolve_world(config, env)
     accum = resolve_accum(config, world_size)
     data = build_data(dataclasses.asdict(config.data))
     plan = make_plan(
@@ -103,7 +157,8 @@ def prepare(config: Config, run_dir: Path, start_dir: Path) -> Job:
         max_epochs=config.trainer.max_epochs, base_lr=config.optim.lr,
         lr_rule=config.lr_scaling.rule, base_batch_size=config.lr_scaling.base_batch_size,
     )
-    return Job(config=config, data=data, plan=plan, run_dir=run_dir, start_dir=start_dir)
+    return Job(config=config, data=data, plan=plan, run_dir=run_dir, start_dir=start_dir,
+               env=env, nproc=nproc)
 
 
 def run_params(job: Job) -> dict[str, Any]:

@@ -30,26 +30,41 @@ def _discard_empty_run_dir(run_dir: Path) -> None:
 
 def run(cfg: DictConfig) -> dict[str, float] | None:
     """Validate, plan, and (unless `dry_run`) train. Config errors exit 2 with one line."""
+    from stepwise.dist_env import detect
     from stepwise.job import prepare
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    env = detect(os.environ)
+    if env.rank != 0:  # rank 0 speaks for the job
+        logging.getLogger().setLevel(logging.WARNING)
     try:
-        job = prepare(OmegaConf.to_object(cfg), run_dir=run_dir, start_dir=Path.cwd())
+        job = prepare(OmegaConf.to_object(cfg), run_dir=run_dir, start_dir=Path.cwd(), env=env)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
-        _discard_empty_run_dir(run_dir)
+        if env.rank == 0:
+            _discard_empty_run_dir(run_dir)
         sys.exit(2)
 
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    (run_dir / "plan.json").write_text(job.plan.to_json())
-    log.info("plan (also in %s):\n%s", run_dir / "plan.json", job.plan.table())
+    if env.rank == 0:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        (run_dir / "plan.json").write_text(job.plan.to_json())
+        log.info("plan (also in %s):\n%s", run_dir / "plan.json", job.plan.table())
     if job.config.dry_run:
         log.info("dry_run=true: stopping before training")
         return None
 
     from stepwise.runner import execute
 
-    return execute(job)
+    try:
+        return execute(job, log_file=str(run_dir / f"{hydra_cfg.job.name}.log"))
+    except Exception as err:
+        from stepwise.launch import RanksFailed
+
+        if not isinstance(err, RanksFailed):
+            raise
+        print(f"error: a DDP worker failed; the job is stopped.\n{err}", file=sys.stderr)
+        sys.exit(1)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -59,6 +74,10 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Run Hydra; report a composition error in one line (exit 2) unless HYDRA_FULL_ERROR is set."""
+    if "RANK" in os.environ and "LOCAL_RANK" in os.environ:  # started by torchrun
+        from stepwise.launch import shared_run_dir_overrides
+
+        sys.argv += shared_run_dir_overrides(sys.argv[1:], os.environ)
     if os.environ.get("HYDRA_FULL_ERROR"):
         _hydra_main()
         return

@@ -1,4 +1,9 @@
-"""Runs a prepared job in this process: build, train, checkpoint, and close the MLflow run honestly."""
+"""Runs a prepared job in this process: build, train, checkpoint, and close the MLflow run honestly.
+
+Who owns the MLflow run: the process the user started (single, dp, or the parent that spawns DDP
+workers), or rank 0 when torchrun or SLURM started every rank. Exactly one process opens it,
+logs params and artifacts, and sets its final status.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import torch
 from hydra.utils import instantiate
 
 from stepwise.checkpoint import save_checkpoint
-from stepwise.distributed import Replica, resolve_device
+from stepwise.distributed import Replica, start_replica, stop_replica
 from stepwise.job import Job, run_params
 from stepwise.loaders import make_loaders
 from stepwise.tracking import MlflowTracker, NullTracker, default_tracking_uri
@@ -21,15 +26,18 @@ log = logging.getLogger(__name__)
 DTYPES = {"32": torch.float32, "64": torch.float64}
 
 
-def open_tracker(job: Job, replica: Replica):
-    """The job's MLflow run on the main rank; a null tracker elsewhere or with `logger=none`."""
+def open_run(job: Job):
+    """Create the job's MLflow run (params and artifacts logged), or a null tracker."""
     cfg = job.config.logger
-    if not replica.is_main or cfg.backend == "none":
+    if cfg.backend == "none":
         return NullTracker()
     uri = default_tracking_uri(cfg.tracking_uri, job.start_dir)
     tracker = MlflowTracker(uri, cfg.experiment_name, cfg.run_name,
                             tags={"stepwise.run_dir": str(job.run_dir)})
     log.info("MLflow run %s in %s (experiment %s)", tracker.run_id, uri, cfg.experiment_name)
+    tracker.log_params(run_params(job))
+    for artifact in ("config.yaml", "plan.json"):
+        tracker.log_artifact(job.run_dir / artifact)
     return tracker
 
 
@@ -54,21 +62,35 @@ def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def execute(job: Job) -> dict[str, float]:
-    """Train the job in a single process and close its MLflow run as it really ended."""
-    replica = Replica("single", 0, 1, resolve_device(job.config.trainer.device))
+def owning_run(job: Job, body) -> Any:
+    """Open the MLflow run, call `body(tracker)`, and close the run as it really ended."""
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    tracker = open_tracker(job, replica)
+    tracker = open_run(job)
     status = "FAILED"
     try:
-        metrics = train(job, replica, tracker)
+        result = body(tracker)
         status = "FINISHED"
-        return metrics
+        return result
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
         tracker.finish(status)
+
+
+def execute(job: Job, log_file: str | None = None) -> dict[str, float]:
+    """Run the job: spawn DDP workers if nobody launched us, else train as this process's rank."""
+    if job.config.parallel.mode == "ddp" and not job.env.launched:
+        from stepwise.launch import spawn
+
+        return owning_run(job, lambda tracker: spawn(job, tracker, log_file))
+    replica = start_replica(job.config.parallel, job.config.trainer.device, job.env)
+    try:
+        if replica.is_main:
+            return owning_run(job, lambda tracker: train(job, replica, tracker))
+        return train(job, replica, NullTracker())
+    finally:
+        stop_replica(replica)
 
 
 def build_trainer(job: Job, replica: Replica, tracker) -> Trainer:
@@ -95,18 +117,16 @@ def build_trainer(job: Job, replica: Replica, tracker) -> Trainer:
 
 
 def train(job: Job, replica: Replica, tracker) -> dict[str, float]:
-    """Log the job's params and artifacts, fit, and write the final checkpoint."""
-    tracker.log_params(run_params(job))
-    for artifact in ("config.yaml", "plan.json"):
-        tracker.log_artifact(job.run_dir / artifact)
+    """Fit, and write the final checkpoint on the main rank."""
     trainer = build_trainer(job, replica, tracker)
     try:
         metrics = trainer.fit()
     finally:
         trainer.progress.close()
+        tracker.flush()
     if replica.is_main:
         save_final_checkpoint(job, trainer)
-    log.info("done: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        log.info("done: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     return metrics
 
 

@@ -53,16 +53,20 @@ class MlflowTracker:
         experiment_name: created if it does not exist.
         run_name: shown in the UI; MLflow picks one when None.
         tags: set on the run when it is created.
+        run_id: attach to this existing run instead of creating one (a spawned rank 0 logging
+            into the run that its launching process owns).
     """
 
     def __init__(self, tracking_uri: str, experiment_name: str, run_name: str | None = None,
-                 tags: dict[str, str] | None = None) -> None:
+                 tags: dict[str, str] | None = None, run_id: str | None = None) -> None:
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri)
-        experiment_id = self._experiment_id(experiment_name)
-        run = self.client.create_run(experiment_id, run_name=run_name, tags=tags or {})
-        self.run_id = run.info.run_id
+        if run_id is None:
+            experiment_id = self._experiment_id(experiment_name)
+            run_id = self.client.create_run(experiment_id, run_name=run_name,
+                                            tags=tags or {}).info.run_id
+        self.run_id = run_id
         self.tracking_uri = tracking_uri
         self._pending: list[Any] = []
 

@@ -68,7 +68,8 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
-        """Train until the plan's total of optimizer steps; return the last validation metrics."""
+        """Train until the plan's total of optimizer steps; return the last validation metrics
+        and the executed `global_step`."""
         metrics: dict[str, float] = {}
         for epoch in range(self.counters.epoch, self.plan.epochs):
             self.counters.epoch = epoch
@@ -80,9 +81,9 @@ class Trainer:
                 self.tracker.log_metrics(metrics, step=self.counters.global_step)
             self.counters.epoch = epoch + 1
         self.check_against_plan()
-        self.tracker.log_metrics({"global_step": self.counters.global_step},
-                                 step=self.counters.global_step)
-        return metrics
+        final = {"global_step": self.counters.global_step}
+        self.tracker.log_metrics(final, step=self.counters.global_step)
+        return {**metrics, **final}
 
     def windows(self, epoch: int) -> Iterator[tuple[Window, list[Batch]]]:
         """The epoch's optimizer-step windows, each with its micro-batches on the device."""

@@ -1,0 +1,199 @@
+"""DDP on gloo with 2 real processes: equivalence with one process, one all-reduce per optimizer
+step, one run directory and one MLflow run however it is launched, and failures that end the job."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from mlflow.tracking import MlflowClient
+
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+from stepwise.checkpoint import load_checkpoint
+from stepwise.dist_env import DistEnv
+from stepwise.distributed import start_replica, stop_replica
+from stepwise.runner import build_trainer
+from stepwise.tracking import NullTracker
+from tests.conftest import ROOT, prepare_job, run_cli
+
+pytestmark = [pytest.mark.ddp, pytest.mark.cli]
+
+# 645 = 5 x 128 + 5: in the last micro-step of every factoring below, rank 1 has no real sample.
+EXACT = ("data=synthetic", "data.train_samples=645", "data.val_samples=64", "logger=none",
+         "trainer.precision=64", "trainer.max_epochs=3", "optim.momentum=0.9", "optim.lr=0.2",
+         "model.hidden_sizes=[32]")
+
+
+def _client(workdir: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+
+
+def _runs(workdir: Path):
+    client = _client(workdir)
+    return client, client.search_runs([client.get_experiment_by_name("stepwise").experiment_id])
+
+
+def test_ddp_factorings_end_with_the_single_process_weights(workdir):
+    weights = {}
+    for name, args in {
+        "single_b32_k4": ["data.batch_size=32", "accum=4"],
+        "ddp_b16_k4": ["parallel=ddp", "parallel.nproc=2", "data.batch_size=16", "accum=4"],
+        "ddp_b32_k2": ["parallel=ddp", "parallel.nproc=2", "data.batch_size=32", "accum=2"],
+        "ddp_b8_k8": ["parallel=ddp", "parallel.nproc=2", "data.batch_size=8", "accum=8"],
+    }.items():
+        run_cli(*EXACT, *args, f"hydra.run.dir=outputs/{name}", cwd=workdir, check=True)
+        checkpoint = load_checkpoint(workdir / "outputs" / name / "checkpoints" / "last.pt")
+        assert checkpoint["plan"]["effective_batch_size"] == 128
+        assert checkpoint["global_step"] == 18  # 6 steps per epoch (5 x 128 + 5) x 3
+        weights[name] = checkpoint["model"]
+    reference = weights.pop("single_b32_k4")
+    for name, state in weights.items():
+        for key, value in reference.items():
+            assert (state[key] - value).abs().max().item() < 1e-9, (name, key)
+
+
+def _count_allreduce_rounds(rank: int, tmp: str, sync_every: bool, queue) -> None:
+    os.environ.update(DistEnv(source="torchrun", rank=rank, local_rank=rank, world_size=2,
+                              local_world_size=2, master_port=int(Path(tmp, "port").read_text())
+                              ).torch_env())
+    job = prepare_job(Path(tmp) / f"r{rank}", "parallel=ddp", "parallel.nproc=2", "logger=none",
+                      "data.batch_size=16", "accum=8", "trainer.max_steps=4",
+                      "trainer.progress_bar=false")
+    replica = start_replica(job.config.parallel, "cpu", DistEnv("torchrun", rank, rank, 2, 2))
+    replica.sync_every_micro_step = sync_every
+    trainer = build_trainer(job, replica, NullTracker())
+    rounds = []
+
+    def counting_hook(state, bucket):
+        rounds.append(bucket.index())
+        return allreduce_hook(None, bucket)
+
+    trainer.model.register_comm_hook(None, counting_hook)
+    trainer.fit()
+    queue.put((rank, len(rounds), trainer.counters.global_step, trainer.counters.micro_steps))
+    stop_replica(replica)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("sync_every,expected_rounds", [(False, 4), (True, 32)])
+def test_one_allreduce_round_per_optimizer_step(tmp_path, sync_every, expected_rounds):
+    """accum=8, 4 optimizer steps: 4 all-reduce rounds with no_sync, 32 without it."""
+    (tmp_path / "port").write_text(str(_free_port()))
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_count_allreduce_rounds, args=(r, str(tmp_path), sync_every, queue))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    # The MLP's gradients fit in one DDP bucket: one hook call is one all-reduce round.
+    assert results == [(0, expected_rounds, 4, 32), (1, expected_rounds, 4, 32)]
+
+
+def test_parallel_ddp_accum_8_is_one_job(workdir):
+    proc = run_cli("parallel=ddp", "accum=8", "trainer.max_epochs=2", cwd=workdir, check=True)
+    run_dirs = list(workdir.glob("outputs/*/*/.hydra"))
+    assert len(run_dirs) == 1
+    client, runs = _runs(workdir)
+    [run] = runs
+    params = run.data.params
+    assert (params["world_size"], params["effective_batch_size"], params["parallel"]) == (
+        "2", str(32 * 8 * 2), "ddp")
+    # 1438 samples: 23 micro-steps of 64 = 2 windows of 8 + a partial window of 7 -> 3 per epoch
+    assert params["total_optimizer_steps"] == "6"
+    assert run.info.status == "FINISHED" and run.data.metrics["global_step"] == 6
+    assert "global_step on each rank: [6, 6] (plan: 6)" in proc.stdout + proc.stderr
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    val = client.get_metric_history(run.info.run_id, "val/accuracy")
+    assert len(val) == 2 and all(0.0 <= m.value <= 1.0 for m in val)
+
+
+def test_torchrun_makes_one_run_dir_and_one_mlflow_run(workdir):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
+    proc = subprocess.run([str(torchrun), "--nproc_per_node=2", str(ROOT / "train.py"),
+                           "parallel=ddp", "trainer.max_epochs=1"], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    run_dirs = [p.parent for p in workdir.glob("outputs/**/.hydra")]
+    assert len(run_dirs) == 1, run_dirs
+    assert (run_dirs[0] / "checkpoints" / "last.pt").exists()
+    _, runs = _runs(workdir)
+    assert len(runs) == 1
+    assert runs[0].data.params["world_size"] == "2" and runs[0].info.status == "FINISHED"
+    assert runs[0].data.metrics["global_step"] == 23
+
+
+def _live_processes_in_session(sid: int) -> list[str]:
+    """Processes of session `sid` that still run (zombies, already dead, are not counted)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        state, session = fields[0], int(fields[3])
+        if session == sid and state != "Z":
+            alive.append(stat.parent.name)
+    return alive
+
+
+def test_a_failing_rank_ends_the_job(workdir):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
+    env.update(FAIL_RANK="1", FAIL_AFTER="3", PYTHONPATH=str(ROOT))
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), "parallel=ddp", "trainer.max_epochs=50",
+         "model._target_=tests.fixtures.FailingMLP"],
+        cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    output, _ = proc.communicate(timeout=120)
+    elapsed = time.monotonic() - started
+    assert proc.returncode != 0
+    assert elapsed < 60, elapsed
+    assert "injected failure on rank 1" in output and "a DDP worker failed" in output
+    time.sleep(1.0)
+    assert _live_processes_in_session(proc.pid) == []  # no worker is left running
+    _, [run] = _runs(workdir)
+    assert run.info.status == "FAILED"
+
+
+SLURM_TWO_TASKS = {"SLURM_JOB_ID": "77", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+                   "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2",
+                   "SLURM_TASKS_PER_NODE": "2", "SLURM_STEP_NODELIST": "localhost"}
+
+
+@pytest.mark.parametrize("args,env,expected", [
+    (["parallel=dp"], {}, "parallel=dp: nn.DataParallel needs CUDA devices"),
+    (["parallel=ddp", "parallel.backend=nccl"], {}, "parallel.backend=nccl: NCCL needs CUDA"),
+    (["parallel=ddp", "parallel.backend=mpi"], {}, "parallel.backend=mpi: unknown value"),
+    (["parallel=ddp", "parallel.nproc=0"], {}, "parallel.nproc=0: must be at least 1"),
+    (["parallel=ddp", "parallel.nproc=4"], SLURM_TWO_TASKS,
+     "parallel.nproc=4: the SLURM allocation started 2 processes per node"),
+    (["parallel=ddp", "parallel.nnodes=2"], {}, "parallel.nnodes=2: stepwise spawns processes"),
+])
+def test_bad_parallel_input(args, env, expected, workdir):
+    if torch.cuda.is_available() and "CUDA" in expected:
+        pytest.skip("needs a machine without GPUs")
+    proc = run_cli(*args, cwd=workdir, env=env)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0] and "fix:" in lines[0], proc.stderr
+    assert not (workdir / "mlflow.db").exists()
