@@ -140,12 +140,13 @@ def resolve_accum(config: Config, world_size: int) -> int:
     return derived
 
 
-def prepare(config: Config, run_dir: Path, start_dir: Path, env: DistEnv = DistEnv()) -> Job:
+def prepare(config: Config, run_dir: Path, start_dir: Path, env: DistEnv | None = None) -> Job:
     """Validate the config, load the data's arrays and compute the plan.
 
     Args:
         env: the launcher's environment (torchrun, SLURM) if any; it fixes the world size.
     """
+    env = env or DistEnv()
     validate(config)
     nproc, world_size = resolve_world(config, env)
     accum = resolve_accum(config, world_size)

@@ -91,21 +91,25 @@ def _user_sets_run_dir(argv: Sequence[str]) -> bool:
 
 
 def shared_run_dir_overrides(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
-    """Extra Hydra overrides so that every torchrun rank uses rank 0's run directory.
+    """Extra Hydra overrides so that every rank of a launched job uses one run directory.
 
-    Hydra evaluates `${now:...}` in each process, so torchrun ranks would each make their own
-    timestamped directory. Rank 0 picks the directory and publishes it in the store that torchrun's
-    agent already hosts for its workers; the other ranks read it there. Ranks other than 0 also
-    write no `.hydra/` copy.
+    Hydra evaluates `${now:...}` in each process, so torchrun or srun ranks would each make their
+    own timestamped directory. Under torchrun, rank 0 picks the directory and publishes it in the
+    store that torchrun's agent already hosts for its workers; the other ranks read it there. In a
+    SLURM step the directory is named after the job and step ids. Ranks other than 0 write no
+    `.hydra/` copy.
     """
     from stepwise.dist_env import detect
 
     dist = detect(env)
-    if dist.source != "torchrun" or "-m" in argv or "--multirun" in argv:
+    if not dist.launched or "-m" in argv or "--multirun" in argv:
         return []
     extra = [] if dist.rank == 0 else ["hydra.output_subdir=null"]
     if _user_sets_run_dir(argv):
         return extra
+    if dist.source == "slurm":  # every task of the step knows the job and step ids
+        step = f"{env.get('SLURM_JOB_ID', '0')}_{env.get('SLURM_STEP_ID', '0')}"
+        return [f"hydra.run.dir=outputs/slurm/{step}", *extra]
     if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         # No shared store to talk through: name the directory after the rendezvous run id.
         run_id = env.get("TORCHELASTIC_RUN_ID", "none")

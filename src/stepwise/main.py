@@ -41,8 +41,8 @@ def run(cfg: DictConfig) -> dict[str, float] | None:
     try:
         job = prepare(OmegaConf.to_object(cfg), run_dir=run_dir, start_dir=Path.cwd(), env=env)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        if env.rank == 0:
+        if env.rank == 0:  # every rank finds the same mistake; one of them says it
+            print(f"error: {err}", file=sys.stderr)
             _discard_empty_run_dir(run_dir)
         sys.exit(2)
 
@@ -74,7 +74,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Run Hydra; report a composition error in one line (exit 2) unless HYDRA_FULL_ERROR is set."""
-    if "RANK" in os.environ and "LOCAL_RANK" in os.environ:  # started by torchrun
+    if "RANK" in os.environ or "SLURM_PROCID" in os.environ:  # maybe one rank of several
         from stepwise.launch import shared_run_dir_overrides
 
         sys.argv += shared_run_dir_overrides(sys.argv[1:], os.environ)

@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from mlflow.tracking import MlflowClient
-
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from stepwise.checkpoint import load_checkpoint

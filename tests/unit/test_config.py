@@ -9,6 +9,7 @@ import torch
 from hydra.utils import instantiate
 
 from stepwise.data import build_data
+from stepwise.errors import ConfigError
 from stepwise.job import prepare
 from stepwise.main import CONF_DIR
 from tests.conftest import compose_config
@@ -24,6 +25,10 @@ def _options(group: str) -> list[str]:
 @pytest.mark.parametrize("override", [f"{g}={o}" for g in GROUPS for o in _options(g)])
 def test_every_option_composes_and_builds(override, tmp_path: Path):
     config = compose_config(override)
+    if override == "parallel=dp" and not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="DataParallel needs CUDA devices"):
+            prepare(config, run_dir=tmp_path, start_dir=tmp_path)
+        return
     job = prepare(config, run_dir=tmp_path, start_dir=tmp_path)
     tree = job.config_dict()
     model = instantiate(tree["model"], in_features=job.data.num_features,

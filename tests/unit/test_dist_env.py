@@ -1,0 +1,63 @@
+"""Launcher environments read from plain mappings (no process group needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from stepwise.dist_env import DistEnv, ddp_world, detect, first_host, tasks_per_node
+from stepwise.errors import ConfigError
+
+TORCHRUN = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
+            "GROUP_RANK": "1", "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29400"}
+SRUN = {"SLURM_JOB_ID": "123456", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NODEID": "2",
+        "SLURM_STEP_ID": "0", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8",
+        "SLURM_STEP_TASKS_PER_NODE": "2(x4)", "SLURM_STEP_NODELIST": "gpu[07-09,12]"}
+
+
+def test_torchrun_environment():
+    assert detect(TORCHRUN) == DistEnv("torchrun", 3, 1, 4, 2, 1, "10.0.0.5", 29400)
+
+
+def test_srun_environment():
+    env = detect(SRUN)
+    assert env == DistEnv("slurm", 5, 1, 8, 2, 2, "gpu07", 20000 + 123456 % 20000)
+    assert env.torch_env() == {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8",
+                               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "gpu07",
+                               "MASTER_PORT": str(20000 + 123456 % 20000)}
+
+
+def test_plain_process_and_single_task_slurm_job_are_not_launched():
+    assert not detect({}).launched
+    batch_script = {**SRUN, "SLURM_NTASKS": "1", "SLURM_STEP_NUM_TASKS": "1"}
+    assert not detect(batch_script).launched
+    no_step = {k: v for k, v in SRUN.items() if k != "SLURM_STEP_ID"}
+    assert not detect(no_step).launched
+
+
+@pytest.mark.parametrize("nodelist,host", [("node1", "node1"), ("gpu[03-05,9],cpu1", "gpu03"),
+                                           ("a-b[1,2]", "a-b1"), ("localhost", "localhost")])
+def test_first_host(nodelist, host):
+    assert first_host(nodelist) == host
+
+
+def test_tasks_per_node():
+    assert tasks_per_node("2(x3),1") == 2 and tasks_per_node("4") == 4
+
+
+@pytest.mark.parametrize("nproc,nnodes,env,gpus,expected", [
+    (None, 1, DistEnv(), 0, (2, 2)),  # CPU default: 2 processes
+    (None, 1, DistEnv(), 4, (4, 4)),  # one per GPU
+    (3, 1, DistEnv(), 0, (3, 3)),
+    (None, 2, detect(TORCHRUN), 0, (2, 4)),  # the launcher decides
+    (2, 4, detect(SRUN), 8, (2, 8)),
+])
+def test_ddp_world(nproc, nnodes, env, gpus, expected):
+    assert ddp_world(nproc, nnodes, env, gpus) == expected
+
+
+def test_ddp_world_rejects_more_processes_than_the_allocation():
+    with pytest.raises(ConfigError) as err:
+        ddp_world(4, 4, detect(SRUN), 0)
+    assert err.value.key == "parallel.nproc" and "SLURM allocation started 2" in str(err.value)
+    with pytest.raises(ConfigError):
+        ddp_world(0, 1, DistEnv(), 0)
