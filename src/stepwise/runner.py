@@ -126,7 +126,7 @@ def train(job: Job, replica: Replica, tracker) -> dict[str, float]:
         tracker.flush()
     if replica.is_main:
         save_final_checkpoint(job, trainer)
-        log.info("done: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        log.info("done: %s", ", ".join(f"{k}={v:.6g}" for k, v in metrics.items()))
     return metrics
 
 

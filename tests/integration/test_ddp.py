@@ -196,3 +196,20 @@ def test_bad_parallel_input(args, env, expected, workdir):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0] and "fix:" in lines[0], proc.stderr
     assert not (workdir / "mlflow.db").exists()
+
+
+def test_two_simulated_nodes_through_launch_script(workdir):
+    """launch/torchrun_multi_node.sh on two "nodes" (1 process each) with a c10d rendezvous."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
+    env.update(NNODES="2", NPROC="1", RDZV_ENDPOINT=f"127.0.0.1:{_free_port()}", RDZV_ID="t",
+               PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
+    script = str(ROOT / "launch" / "torchrun_multi_node.sh")
+    nodes = [subprocess.Popen(["bash", script, "trainer.max_epochs=1"], cwd=workdir, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert len(list(workdir.glob("outputs/**/.hydra"))) == 1
+    _, [run] = _runs(workdir)
+    assert run.data.params["world_size"] == "2" and run.info.status == "FINISHED"
+    assert run.data.metrics["global_step"] == 23
