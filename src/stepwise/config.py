@@ -125,12 +125,28 @@ class AdamWConfig(OptimConfig):
 class LRScalingConfig:
     rule: str = "none"
     base_batch_size: int = 32
+    adapt_betas: bool = False
+
+
+@dataclass
+class ScheduleConfig:
+    """A multiplier of the scaled LR; durations in `unit` (epochs, samples or steps)."""
+
+    name: str = "constant"
+    unit: str = "epochs"
+    warmup: float = 0.0
+    warmup_start_factor: float = 0.1
+    total: float | None = None
+    min_lr_factor: float = 0.0
+    milestones: list[float] = field(default_factory=list)
+    gamma: float = 0.1
 
 
 @dataclass
 class TrainerConfig:
     max_epochs: int = 10
     max_steps: int = -1
+    max_samples: int = -1
     partial_window: str = "step"
     device: str = "auto"
     precision: str = "32"
@@ -156,6 +172,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: Any = MISSING
     lr_scaling: LRScalingConfig = field(default_factory=LRScalingConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     accum: int | None = None
@@ -170,6 +187,7 @@ SCHEMAS = {
     "parallel": {"single": ParallelConfig, "ddp": DDPConfig, "dp": DPConfig},
     "optim": {"sgd": SGDConfig, "adamw": AdamWConfig},
     "lr_scaling": {"lr_scaling": LRScalingConfig},
+    "schedule": {"schedule": ScheduleConfig},
     "trainer": {"trainer": TrainerConfig},
     "logger": {"logger": LoggerConfig},
 }

@@ -140,6 +140,31 @@ def resolve_accum(config: Config, world_size: int) -> int:
     return derived
 
 
+def check_adapt_betas(config: Config, plan: Plan) -> None:
+    """`lr_scaling.adapt_betas` is the rest of the square-root rule, for Adam-type optimizers."""
+    if not config.lr_scaling.adapt_betas:
+        return
+    if not hasattr(config.optim, "betas"):
+        raise ConfigError("lr_scaling.adapt_betas", True, f"optim {type(config.optim).__name__} "
+                          "has no betas to adapt", "use optim=adamw or adapt_betas=false")
+    if config.lr_scaling.rule != "sqrt":
+        raise ConfigError("lr_scaling.adapt_betas", True, f"belongs to the sqrt rule, not "
+                          f"{config.lr_scaling.rule}", "use lr_scaling=sqrt or adapt_betas=false")
+    adapted_optimizer_args(config, plan)  # raises if the betas leave [0, 1)
+
+
+def adapted_optimizer_args(config: Config, plan: Plan) -> dict[str, Any]:
+    """Optimizer keyword arguments that the LR rule changes: lr, and betas/eps under adapt_betas."""
+    args: dict[str, Any] = {"lr": plan.lr}
+    if config.lr_scaling.adapt_betas:
+        from stepwise.schedule import adapt_adam
+
+        kappa = plan.effective_batch_size / plan.base_batch_size
+        betas, eps = adapt_adam(tuple(config.optim.betas), config.optim.eps, kappa)
+        args.update(betas=betas, eps=eps)
+    return args
+
+
 def prepare(config: Config, run_dir: Path, start_dir: Path, env: DistEnv | None = None) -> Job:
     """Validate the config, load the data's arrays and compute the plan.
 
@@ -155,9 +180,12 @@ def prepare(config: Config, run_dir: Path, start_dir: Path, env: DistEnv | None 
         train_samples=data.train_samples, per_device_batch_size=config.data.batch_size,
         accum=accum, world_size=world_size, drop_last=config.data.drop_last,
         partial_window=config.trainer.partial_window, max_steps=config.trainer.max_steps,
-        max_epochs=config.trainer.max_epochs, base_lr=config.optim.lr,
-        lr_rule=config.lr_scaling.rule, base_batch_size=config.lr_scaling.base_batch_size,
+        max_epochs=config.trainer.max_epochs, max_samples=config.trainer.max_samples,
+        base_lr=config.optim.lr, lr_rule=config.lr_scaling.rule,
+        base_batch_size=config.lr_scaling.base_batch_size,
+        schedule=dataclasses.asdict(config.schedule),
     )
+    check_adapt_betas(config, plan)
     return Job(config=config, data=data, plan=plan, run_dir=run_dir, start_dir=start_dir,
                env=env, nproc=nproc)
 
@@ -178,5 +206,9 @@ def run_params(job: Job) -> dict[str, Any]:
         samples_dropped_per_epoch=plan.samples_dropped_per_epoch,
         total_optimizer_steps=plan.total_optimizer_steps, total_samples=plan.total_samples,
         budget=plan.budget, lr_scale_factor=plan.lr_scale_factor, lr=plan.lr,
+        warmup_steps=plan.warmup_steps, final_lr=plan.final_lr,
     )
+    adapted = adapted_optimizer_args(job.config, plan)
+    if "betas" in adapted:
+        params.update(betas_used=list(adapted["betas"]), eps_used=adapted["eps"])
     return params

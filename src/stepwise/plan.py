@@ -10,6 +10,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 
 from stepwise.errors import ConfigError
+from stepwise.schedule import Schedule, make_schedule
 
 PARTIAL_WINDOW_POLICIES = ("step", "drop")
 LR_RULES = ("none", "linear", "sqrt")
@@ -92,6 +93,7 @@ class Plan:
     partial_window: str
     max_steps: int
     max_epochs: int
+    max_samples: int
     micro_batch_samples: int
     micro_steps_per_epoch: int
     optimizer_steps_per_epoch: int
@@ -109,7 +111,9 @@ class Plan:
     base_batch_size: int
     lr_scale_factor: float
     lr: float
+    schedule: Schedule = Schedule()
     warmup_steps: int = 0
+    final_lr: float = 0.0
 
     # -- windows and shards -------------------------------------------------------------------
     def window(self, step_in_epoch: int) -> Window:
@@ -137,6 +141,15 @@ class Plan:
         start = micro_step * self.micro_batch_samples + rank * blocks * self.per_device_batch_size
         stop = start + blocks * self.per_device_batch_size
         return min(start, self.samples_per_epoch), min(stop, self.samples_per_epoch)
+
+    def lr_at(self, step: int) -> float:
+        """The LR of optimizer step `step` (0-based): the scaled LR times the schedule's factor."""
+        return self.lr * self.schedule.factor(self.samples_after(step))
+
+    def steps_for_samples(self, samples: int) -> int:
+        """The fewest optimizer steps after which at least `samples` samples have been seen."""
+        epochs, rest = divmod(samples, self.samples_per_epoch)
+        return epochs * self.optimizer_steps_per_epoch + -(-rest // self.effective_batch_size)
 
     def samples_after(self, steps: int) -> int:
         """`samples_seen` once `steps` optimizer steps have run from the start of training."""
@@ -169,9 +182,10 @@ class Plan:
             ("epochs", self.epochs),
             ("total_optimizer_steps", f"{self.total_optimizer_steps} (bound by {self.budget})"),
             ("total samples", self.total_samples),
-            ("warmup_steps", self.warmup_steps),
             ("lr", f"{self.lr:.6g} = {self.base_lr:.6g} x {self.lr_scale_factor:.6g} "
                    f"({self.lr_rule}, base_batch_size={self.base_batch_size})"),
+            ("schedule", f"{self.schedule.name}, warmup {self.schedule.warmup_samples} samples "
+                         f"= {self.warmup_steps} steps, final lr {self.final_lr:.6g}"),
         ]
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
@@ -187,11 +201,16 @@ def make_plan(
     partial_window: str = "step",
     max_steps: int = -1,
     max_epochs: int = -1,
+    max_samples: int = -1,
     base_lr: float = 0.1,
     lr_rule: str = "none",
     base_batch_size: int = 32,
+    schedule: dict | None = None,
 ) -> Plan:
     """Validate the inputs and compute the plan (DESIGN section 1, rules 1 to 4).
+
+    Args:
+        schedule: the `schedule` config keys (name, unit, warmup, ...); None: constant LR.
 
     Raises:
         ConfigError: a bad size or budget, or a plan with no optimizer step at all.
@@ -204,9 +223,11 @@ def make_plan(
                           f"use one of {', '.join(PARTIAL_WINDOW_POLICIES)}")
     _budget("trainer.max_steps", max_steps, "optimizer steps")
     _budget("trainer.max_epochs", max_epochs, "epochs")
-    if max_steps == -1 and max_epochs == -1:
-        raise ConfigError("trainer.max_epochs", max_epochs, "no budget: max_steps is -1 too",
-                          "set trainer.max_epochs or trainer.max_steps to a positive value")
+    _budget("trainer.max_samples", max_samples, "samples")
+    if max_steps == -1 and max_epochs == -1 and max_samples == -1:
+        raise ConfigError("trainer.max_epochs", max_epochs,
+                          "no budget: max_steps and max_samples are -1 too",
+                          "set trainer.max_epochs, trainer.max_steps or trainer.max_samples")
     if not base_lr > 0:
         raise ConfigError("optim.lr", base_lr, "must be positive", "set optim.lr, e.g. optim.lr=0.1")
     if train_samples <= 0:
@@ -234,27 +255,37 @@ def make_plan(
             "data.drop_last=false",
         )
 
-    by_epochs = max_epochs * steps_per_epoch if max_epochs != -1 else math.inf
-    by_steps = max_steps if max_steps != -1 else math.inf
-    total = int(min(by_epochs, by_steps))
-    budget = "max_epochs" if by_epochs <= by_steps else "max_steps"
     factor = lr_scale_factor(lr_rule, effective, base_batch_size)
 
     plan = Plan(
         train_samples=n, per_device_batch_size=b, accum=k, world_size=w,
         effective_batch_size=effective, drop_last=drop_last, partial_window=partial_window,
-        max_steps=max_steps, max_epochs=max_epochs, micro_batch_samples=unit,
+        max_steps=max_steps, max_epochs=max_epochs, max_samples=max_samples,
+        micro_batch_samples=unit,
         micro_steps_per_epoch=micro_steps, optimizer_steps_per_epoch=steps_per_epoch,
         last_window_micro_steps=last_micro,
         last_window_samples=used - (steps_per_epoch - 1) * effective,
         samples_per_epoch=used, samples_dropped_per_epoch=n - used,
-        epochs=-(-total // steps_per_epoch), budget=budget, total_optimizer_steps=total,
-        total_micro_steps=0, total_samples=0, lr_rule=lr_rule, base_lr=float(base_lr),
+        epochs=0, budget="", total_optimizer_steps=0, total_micro_steps=0, total_samples=0,
+        lr_rule=lr_rule, base_lr=float(base_lr),
         base_batch_size=base_batch_size, lr_scale_factor=factor, lr=float(base_lr) * factor,
     )
+    budgets = {  # optimizer steps each budget allows; the smallest binds (ties: listed first)
+        "max_epochs": max_epochs * steps_per_epoch if max_epochs != -1 else math.inf,
+        "max_samples": plan.steps_for_samples(max_samples) if max_samples != -1 else math.inf,
+        "max_steps": max_steps if max_steps != -1 else math.inf,
+    }
+    budget = min(budgets, key=budgets.get)
+    total = int(budgets[budget])
     full_epochs, rest_steps = divmod(total, steps_per_epoch)
-    return replace(
-        plan,
+    plan = replace(
+        plan, epochs=-(-total // steps_per_epoch), budget=budget, total_optimizer_steps=total,
         total_micro_steps=full_epochs * plan.used_micro_steps_per_epoch() + rest_steps * k,
         total_samples=plan.samples_after(total),
     )
+    if schedule is not None:
+        plan = replace(plan, schedule=make_schedule(
+            **schedule, samples_per_epoch=used, run_samples=plan.total_samples,
+            samples_after_steps=plan.samples_after))
+    warmup_steps = plan.steps_for_samples(plan.schedule.warmup_samples)
+    return replace(plan, warmup_steps=warmup_steps, final_lr=plan.lr_at(total - 1))

@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 
 from stepwise.checkpoint import save_checkpoint
 from stepwise.distributed import Replica, start_replica, stop_replica
-from stepwise.job import Job, run_params
+from stepwise.job import Job, adapted_optimizer_args, run_params
 from stepwise.loaders import make_loaders
 from stepwise.tracking import MlflowTracker, NullTracker, default_tracking_uri
 from stepwise.trainer import Trainer
@@ -102,9 +102,11 @@ def build_trainer(job: Job, replica: Replica, tracker) -> Trainer:
     model = instantiate(tree["model"], in_features=job.data.num_features,
                         out_features=job.data.num_outputs).to(dtype)
     wrapped = replica.wrap(model)
-    optimizer = instantiate(tree["optim"])(wrapped.parameters(), lr=plan.lr)
-    # Constant for now; stepped once per optimizer step, so schedules slot in unchanged.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    optimizer = instantiate(tree["optim"])(wrapped.parameters(),
+                                           **adapted_optimizer_args(cfg, plan))
+    # Stepped once per optimizer step; the factor is a function of the samples seen before it.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: plan.schedule.factor(plan.samples_after(step)))
     train_loader, val_loader = make_loaders(job.data, plan, replica, seed=cfg.seed,
                                             num_workers=cfg.data.num_workers, dtype=dtype)
     return Trainer(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -65,6 +66,7 @@ class Trainer:
         self.log_every_n_steps, self.val_every_n_epochs = log_every_n_steps, val_every_n_epochs
         self.counters = Counters()
         self.real_samples = 0  # this process's real samples, summed over ranks at the end
+        self.last_lr = float("nan")  # the LR of the last optimizer step taken
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
@@ -108,7 +110,7 @@ class Trainer:
             self.real_samples += real
         if self.grad_clip_norm is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.last_lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -174,6 +176,8 @@ class Trainer:
         }
         wrong = [f"{name}: executed {got}, planned {want}"
                  for name, (got, want) in executed.items() if got != want]
+        if not math.isclose(self.last_lr, self.plan.final_lr, rel_tol=1e-9, abs_tol=1e-15):
+            wrong.append(f"final lr: executed {self.last_lr!r}, planned {self.plan.final_lr!r}")
         if wrong:
             raise PlanMismatch("the run did not execute its plan: " + "; ".join(wrong))
         log.info("executed as planned: %d optimizer steps, %d micro-steps, %d samples",

@@ -30,6 +30,18 @@ CASES = [
     (["data.batch_size=1000", "accum=3", "trainer.partial_window=drop"],
      "the plan has no optimizer step"),
     (["trainer.precision=16-mixed"], "trainer.precision=16-mixed: unknown value"),
+    (["schedule=step"], "schedule=step: no such option in conf/schedule/"),
+    (["schedule.name=step"], "schedule.name=step: unknown schedule"),
+    (["lr_scaling.base_batch_size=0"], "lr_scaling.base_batch_size=0: must be positive"),
+    (["schedule.warmup=20"], "schedule.warmup=20.0: warmup of 28760 samples is longer than the "
+                             "whole run (14380 samples)"),
+    (["schedule=multistep", "schedule.milestones=[5,12]"],
+     "schedule.milestones=[5.0, 12.0]: a milestone lies beyond the end of the run"),
+    (["lr_scaling=sqrt", "lr_scaling.adapt_betas=true"],
+     "lr_scaling.adapt_betas=true: optim SGDConfig has no betas to adapt"),
+    (["optim=adamw", "lr_scaling=linear", "lr_scaling.adapt_betas=true"],
+     "lr_scaling.adapt_betas=true: belongs to the sqrt rule, not linear"),
+    (["trainer.max_samples=0"], "trainer.max_samples=0: must be a positive number of samples"),
     (["trainer.device=cuda"] if not torch.cuda.is_available() else ["trainer.device=tpu"],
      "trainer.device="),
 ]

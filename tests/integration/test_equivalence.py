@@ -58,3 +58,21 @@ def test_each_step_is_the_mean_loss_gradient_over_its_window(tmp_path):
             assert (p.detach() - (p0 - lr * g)).abs().max().item() < 1e-12, s
         sizes.append((window.micro_steps, window.samples))
     assert len(sizes) == 23 and sizes[-1] == (4, 30) and sizes[0] == (8, 64)
+
+
+def test_the_end_of_run_check_fails_on_a_mismatch(tmp_path):
+    """The executed counts and final LR are compared with the plan: a wrong plan fails the run."""
+    import dataclasses
+
+    import pytest
+
+    from stepwise.trainer import PlanMismatch
+
+    job = prepare_job(tmp_path, "logger=none", "trainer.progress_bar=false", "trainer.max_steps=5",
+                      "schedule=cosine")
+    for change, words in (({"total_samples": 161}, "samples_seen: executed 160, planned 161"),
+                          ({"final_lr": 0.5}, "final lr: executed")):
+        trainer = build_trainer(job, Replica("single", 0, 1, torch.device("cpu")), NullTracker())
+        trainer.plan = dataclasses.replace(job.plan, **change)
+        with pytest.raises(PlanMismatch, match=words):
+            trainer.fit()
