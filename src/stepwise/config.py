@@ -154,6 +154,10 @@ class TrainerConfig:
     log_every_n_steps: int = 1
     val_every_n_epochs: int = 1
     progress_bar: bool = True
+    checkpoint_every_n_steps: int = 100
+    keep_checkpoints: int = 2
+    resume: str = "auto"
+    on_nonfinite: str = "stop"
 
 
 @dataclass

@@ -118,18 +118,19 @@ class MicroBatchSampler:
     """
 
     def __init__(self, plan: Any, rank: int, seed: int, blocks: int = 1) -> None:
-        self.plan, self.rank, self.seed, self.epoch = plan, rank, seed, 0
+        self.plan, self.rank, self.seed, self.epoch, self.start = plan, rank, seed, 0, 0
         # DataParallel loads the whole b x W slice in one process: one "rank" spanning W blocks.
         self.blocks = blocks
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, first_micro_step: int = 0) -> None:
+        """Select the epoch, and where in it to start (a resume skips without loading)."""
+        self.epoch, self.start = epoch, first_micro_step
 
     def __len__(self) -> int:
-        return self.plan.used_micro_steps_per_epoch()
+        return self.plan.used_micro_steps_per_epoch() - self.start
 
     def __iter__(self):
         perm = epoch_permutation(self.plan.train_samples, self.seed, self.epoch)
-        for j in range(len(self)):
+        for j in range(self.start, self.plan.used_micro_steps_per_epoch()):
             start, stop = self.plan.shard(j, self.rank, self.blocks)
             yield perm[start:stop].tolist() if stop > start else [int(perm[0])]

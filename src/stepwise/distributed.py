@@ -82,6 +82,16 @@ class Replica:
             return model.no_sync()
         return contextlib.nullcontext()
 
+    def all_gather_object(self, obj):
+        """[obj of rank 0, obj of rank 1, ...] (a one-element list with one process)."""
+        if self.mode != "ddp":
+            return [obj]
+        import torch.distributed as dist
+
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum a tensor over all ranks (identity with one process)."""
         if self.mode == "ddp":

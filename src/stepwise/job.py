@@ -21,6 +21,7 @@ BACKENDS = ("auto", "gloo", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("32", "64")
 LOGGER_BACKENDS = ("mlflow", "none")
+NONFINITE_POLICIES = ("stop", "skip")
 ACTIVATIONS = ("relu", "gelu", "tanh")
 
 
@@ -35,6 +36,7 @@ class Job:
     start_dir: Path
     env: DistEnv = DistEnv()
     nproc: int = 1  # processes per node (ddp); 1 otherwise
+    resume_from: Path | None = None  # the checkpoint this run continues, if any
 
     def config_dict(self) -> dict[str, Any]:
         tree = dataclasses.asdict(self.config)
@@ -54,6 +56,13 @@ def validate(config: Config) -> None:
     _one_of("trainer.device", trainer.device, DEVICES)
     _one_of("trainer.precision", trainer.precision, PRECISIONS)
     _one_of("logger.backend", config.logger.backend, LOGGER_BACKENDS)
+    _one_of("trainer.on_nonfinite", trainer.on_nonfinite, NONFINITE_POLICIES)
+    if trainer.checkpoint_every_n_steps < 0:
+        raise ConfigError("trainer.checkpoint_every_n_steps", trainer.checkpoint_every_n_steps,
+                          "must be >= 0", "use 0 to checkpoint only at the end and on signals")
+    if trainer.keep_checkpoints < 1:
+        raise ConfigError("trainer.keep_checkpoints", trainer.keep_checkpoints, "must be >= 1",
+                          "keep at least one, e.g. trainer.keep_checkpoints=2")
     for key, value in (("trainer.log_every_n_steps", trainer.log_every_n_steps),
                        ("trainer.val_every_n_epochs", trainer.val_every_n_epochs)):
         if value < 1:
@@ -186,8 +195,10 @@ def prepare(config: Config, run_dir: Path, start_dir: Path, env: DistEnv | None 
         schedule=dataclasses.asdict(config.schedule),
     )
     check_adapt_betas(config, plan)
+    from stepwise.resume import find_checkpoint
+
     return Job(config=config, data=data, plan=plan, run_dir=run_dir, start_dir=start_dir,
-               env=env, nproc=nproc)
+               env=env, nproc=nproc, resume_from=find_checkpoint(config.trainer.resume, run_dir))
 
 
 def run_params(job: Job) -> dict[str, Any]:

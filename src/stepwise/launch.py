@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 
 from stepwise.job import Job
+from stepwise.trainer import Stopped
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,8 @@ def spawn(job: Job, tracker, log_file: str | None) -> dict[str, float]:
         min_nodes=1, max_nodes=1, nproc_per_node=job.nproc, run_id=uuid.uuid4().hex,
         rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", rdzv_configs={"timeout": timeout},
         max_restarts=0, monitor_interval=0.1, start_method="spawn",
+        # SIGTERM/SIGUSR2 reach the workers, which finish their step and checkpoint meanwhile.
+        signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2", shutdown_timeout=timeout,
     )
     log.info("spawning %d DDP workers (world_size=%d)", job.nproc, job.plan.world_size)
     run_id = getattr(tracker, "run_id", None)
@@ -45,7 +50,13 @@ def spawn(job: Job, tracker, log_file: str | None) -> dict[str, float]:
     try:
         results = elastic_launch(config, _worker)(job, run_id, uri, log_file)
     except ChildFailedError as err:
+        codes = {failure.exitcode for failure in err.failures.values()}
+        stopped = {128 + s for s in (signal.SIGTERM, signal.SIGUSR2)}
+        if codes <= stopped:  # the ranks got a stop signal directly, checkpointed and left
+            raise Stopped(min(codes) - 128) from None
         raise RanksFailed(err.format_msg()) from None
+    except SignalException as err:
+        raise Stopped(int(err.sigval)) from None
     steps = [int(results[rank]["global_step"]) for rank in sorted(results)]
     log.info("global_step on each rank: %s (plan: %d)", steps, job.plan.total_optimizer_steps)
     return results[0]
@@ -57,9 +68,10 @@ def _worker(job: Job, run_id: str | None, tracking_uri: str | None,
     """One spawned rank: join the group, train, and log into the parent's MLflow run (rank 0)."""
     from stepwise.dist_env import detect
     from stepwise.distributed import start_replica, stop_replica
-    from stepwise.runner import train
+    from stepwise.runner import resume_state, train
     from stepwise.tracking import MlflowTracker, NullTracker
 
+    _die_with_parent()
     env = detect(os.environ)
     _configure_logging(env.rank, log_file)
     replica = start_replica(job.config.parallel, job.config.trainer.device, env)
@@ -67,9 +79,25 @@ def _worker(job: Job, run_id: str | None, tracking_uri: str | None,
         tracker = NullTracker()
         if replica.is_main and run_id is not None:
             tracker = MlflowTracker(tracking_uri, job.config.logger.experiment_name, run_id=run_id)
-        return train(job, replica, tracker)
+        return train(job, replica, tracker, resume_state(job))
+    except Stopped as stop:
+        # The checkpoint is saved. Leave now: a returning elastic worker would wait for its
+        # launcher to collect the result, while the launcher, shutting down, waits for it to exit.
+        stop_replica(replica)
+        logging.shutdown()
+        os._exit(128 + stop.signum)
     finally:
         stop_replica(replica)
+
+
+def _die_with_parent() -> None:
+    """A worker whose launching process is killed (even with SIGKILL) gets SIGKILL too, on Linux:
+    no orphan keeps training, or writing checkpoints, behind a dead job."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def _configure_logging(rank: int, log_file: str | None) -> None:

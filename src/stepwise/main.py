@@ -54,15 +54,26 @@ def run(cfg: DictConfig) -> dict[str, float] | None:
         log.info("dry_run=true: stopping before training")
         return None
 
+    from stepwise.launch import RanksFailed
     from stepwise.runner import execute
+    from stepwise.trainer import NonFiniteLoss, PlanMismatch, Stopped
 
     try:
         return execute(job, log_file=str(run_dir / f"{hydra_cfg.job.name}.log"))
-    except Exception as err:
-        from stepwise.launch import RanksFailed
-
-        if not isinstance(err, RanksFailed):
-            raise
+    except ConfigError as err:  # found once the checkpoint to resume from is read
+        if env.rank == 0:
+            print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except Stopped as stop:
+        if env.rank == 0:
+            print(f"stopped by signal {stop.signum} after saving a checkpoint in "
+                  f"{run_dir / 'checkpoints'}; run the same command with "
+                  f"hydra.run.dir={run_dir} to resume (trainer.resume=auto)", file=sys.stderr)
+        sys.exit(128 + stop.signum)
+    except (NonFiniteLoss, PlanMismatch) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except RanksFailed as err:
         print(f"error: a DDP worker failed; the job is stopped.\n{err}", file=sys.stderr)
         sys.exit(1)
 

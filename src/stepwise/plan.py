@@ -151,6 +151,11 @@ class Plan:
         epochs, rest = divmod(samples, self.samples_per_epoch)
         return epochs * self.optimizer_steps_per_epoch + -(-rest // self.effective_batch_size)
 
+    def micro_steps_after(self, steps: int) -> int:
+        """Micro-steps each replica has run once `steps` optimizer steps have run."""
+        epochs, rest = divmod(steps, self.optimizer_steps_per_epoch)
+        return epochs * self.used_micro_steps_per_epoch() + rest * self.accum
+
     def samples_after(self, steps: int) -> int:
         """`samples_seen` once `steps` optimizer steps have run from the start of training."""
         epochs, rest = divmod(steps, self.optimizer_steps_per_epoch)
@@ -277,11 +282,9 @@ def make_plan(
     }
     budget = min(budgets, key=budgets.get)
     total = int(budgets[budget])
-    full_epochs, rest_steps = divmod(total, steps_per_epoch)
     plan = replace(
         plan, epochs=-(-total // steps_per_epoch), budget=budget, total_optimizer_steps=total,
-        total_micro_steps=full_epochs * plan.used_micro_steps_per_epoch() + rest_steps * k,
-        total_samples=plan.samples_after(total),
+        total_micro_steps=plan.micro_steps_after(total), total_samples=plan.samples_after(total),
     )
     if schedule is not None:
         plan = replace(plan, schedule=make_schedule(

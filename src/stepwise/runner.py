@@ -1,39 +1,59 @@
-"""Runs a prepared job in this process: build, train, checkpoint, and close the MLflow run honestly.
+"""Runs a prepared job in this process: build, resume, train, checkpoint, and close the MLflow run
+as it really ended.
 
 Who owns the MLflow run: the process the user started (single, dp, or the parent that spawns DDP
-workers), or rank 0 when torchrun or SLURM started every rank. Exactly one process opens it,
-logs params and artifacts, and sets its final status.
+workers), or rank 0 when torchrun or SLURM started every rank. Exactly one process opens it (or
+reopens the checkpoint's run on resume), logs params and artifacts, and sets its final status.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from hydra.utils import instantiate
 
-from stepwise.checkpoint import save_checkpoint
+from stepwise.checkpoint import load_checkpoint, publish
 from stepwise.distributed import Replica, start_replica, stop_replica
 from stepwise.job import Job, adapted_optimizer_args, run_params
 from stepwise.loaders import make_loaders
 from stepwise.tracking import MlflowTracker, NullTracker, default_tracking_uri
-from stepwise.trainer import Trainer
+from stepwise.trainer import Stopped, StopRequest, Trainer
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"32": torch.float32, "64": torch.float64}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)  # SIGUSR2: submitit's "time is nearly up"
 
 
-def open_run(job: Job):
-    """Create the job's MLflow run (params and artifacts logged), or a null tracker."""
+def resume_state(job: Job) -> dict[str, Any] | None:
+    """The checkpoint this job continues, checked against its config (ConfigError if foreign)."""
+    if job.resume_from is None:
+        return None
+    from stepwise.resume import check_compatible
+
+    state = load_checkpoint(job.resume_from)
+    check_compatible(job.resume_from, state, job.config_dict(), job.plan.to_dict())
+    return state
+
+
+def open_run(job: Job, resumed: dict[str, Any] | None = None):
+    """Create the job's MLflow run (params and artifacts logged), reopen the run of the checkpoint
+    it resumes, or return a null tracker with `logger=none`."""
     cfg = job.config.logger
     if cfg.backend == "none":
         return NullTracker()
     uri = default_tracking_uri(cfg.tracking_uri, job.start_dir)
-    tracker = MlflowTracker(uri, cfg.experiment_name, cfg.run_name,
+    run_id = (resumed or {}).get("mlflow_run_id")
+    tracker = MlflowTracker(uri, cfg.experiment_name, cfg.run_name, run_id=run_id,
                             tags={"stepwise.run_dir": str(job.run_dir)})
+    if tracker.resumed:
+        log.info("MLflow run %s reopened in %s at global_step %d", tracker.run_id, uri,
+                 resumed["global_step"])
+        return tracker
     log.info("MLflow run %s in %s (experiment %s)", tracker.run_id, uri, cfg.experiment_name)
     tracker.log_params(run_params(job))
     for artifact in ("config.yaml", "plan.json"):
@@ -49,29 +69,36 @@ class _Progress:
     def close(self) -> None: ...
 
 
-def _progress(job: Job, replica: Replica):
+def _progress(job: Job, replica: Replica, done: int):
     if not (replica.is_main and job.config.trainer.progress_bar):
         return _Progress()
     from tqdm import tqdm
 
-    return tqdm(total=job.plan.total_optimizer_steps, desc="optimizer steps", unit="step",
-                disable=None)
+    return tqdm(total=job.plan.total_optimizer_steps, initial=done, desc="optimizer steps",
+                unit="step", disable=None)
 
 
-def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+def catch_stop_signals() -> StopRequest:
+    """SIGTERM and SIGUSR2 ask the loop to finish its step, checkpoint and stop."""
+    request = StopRequest()
+
+    def handler(signum: int, frame: Any) -> None:
+        request.signum = signum
+
+    for signum in STOP_SIGNALS:
+        request.previous[signum] = signal.signal(signum, handler)
+    return request
 
 
-def owning_run(job: Job, body) -> Any:
-    """Open the MLflow run, call `body(tracker)`, and close the run as it really ended."""
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    tracker = open_run(job)
+def owning_run(job: Job, body: Callable[[Any], Any], resumed: dict[str, Any] | None):
+    """Open (or reopen) the MLflow run, call `body(tracker)`, and close the run as it ended."""
+    tracker = open_run(job, resumed)
     status = "FAILED"
     try:
         result = body(tracker)
         status = "FINISHED"
         return result
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Stopped):
         status = "KILLED"
         raise
     finally:
@@ -80,20 +107,22 @@ def owning_run(job: Job, body) -> Any:
 
 def execute(job: Job, log_file: str | None = None) -> dict[str, float]:
     """Run the job: spawn DDP workers if nobody launched us, else train as this process's rank."""
+    resumed = resume_state(job)
     if job.config.parallel.mode == "ddp" and not job.env.launched:
         from stepwise.launch import spawn
 
-        return owning_run(job, lambda tracker: spawn(job, tracker, log_file))
+        return owning_run(job, lambda tracker: spawn(job, tracker, log_file), resumed)
     replica = start_replica(job.config.parallel, job.config.trainer.device, job.env)
     try:
         if replica.is_main:
-            return owning_run(job, lambda tracker: train(job, replica, tracker))
-        return train(job, replica, NullTracker())
+            return owning_run(job, lambda tracker: train(job, replica, tracker, resumed), resumed)
+        return train(job, replica, NullTracker(), resumed)
     finally:
         stop_replica(replica)
 
 
-def build_trainer(job: Job, replica: Replica, tracker) -> Trainer:
+def build_trainer(job: Job, replica: Replica, tracker, stop_request: StopRequest | None = None
+                  ) -> Trainer:
     """Build the model, optimizer, scheduler and loaders from the config, seeded by `seed`."""
     cfg, plan = job.config, job.plan
     dtype = DTYPES[cfg.trainer.precision]
@@ -112,36 +141,52 @@ def build_trainer(job: Job, replica: Replica, tracker) -> Trainer:
     return Trainer(
         model=wrapped, optimizer=optimizer, scheduler=scheduler, plan=plan, task=job.data.task,
         train_loader=train_loader, val_loader=val_loader, replica=replica, tracker=tracker,
-        progress=_progress(job, replica), grad_clip_norm=cfg.trainer.grad_clip_norm,
+        progress=_Progress(), grad_clip_norm=cfg.trainer.grad_clip_norm,
         log_every_n_steps=cfg.trainer.log_every_n_steps,
-        val_every_n_epochs=cfg.trainer.val_every_n_epochs,
+        val_every_n_epochs=cfg.trainer.val_every_n_epochs, on_nonfinite=cfg.trainer.on_nonfinite,
+        checkpoint_every_n_steps=cfg.trainer.checkpoint_every_n_steps,
+        save=checkpoint_saver(job, tracker), stop_request=stop_request,
     )
 
 
-def train(job: Job, replica: Replica, tracker) -> dict[str, float]:
-    """Fit, and write the final checkpoint on the main rank."""
-    trainer = build_trainer(job, replica, tracker)
+def checkpoint_saver(job: Job, tracker) -> Callable[[Trainer], None]:
+    """Save a checkpoint (every rank gathers; rank 0 writes); metrics logged so far are flushed
+    first, so that a resume from it logs nothing twice."""
+
+    def save(trainer: Trainer) -> None:
+        state = trainer.state_dict()
+        if not trainer.replica.is_main:
+            return
+        tracker.flush()
+        state.update(epoch=trainer.counters.epoch, samples_seen=trainer.counters.samples_seen,
+                     plan=job.plan.to_dict(), config=job.config_dict(),
+                     mlflow_run_id=tracker.run_id)
+        path = publish(job.run_dir / "checkpoints", state, job.config.trainer.keep_checkpoints)
+        log.info("checkpoint at global_step %d: %s", trainer.counters.global_step, path)
+
+    return save
+
+
+def train(job: Job, replica: Replica, tracker, resumed: dict[str, Any] | None = None
+          ) -> dict[str, float]:
+    """Fit from scratch or from `resumed`, and write the final checkpoint."""
+    stop_request = catch_stop_signals()
+    trainer = build_trainer(job, replica, tracker, stop_request)
+    if resumed is not None:
+        trainer.load_state_dict(resumed)
+        log.info("resumed from %s at global_step %d (epoch %d, step %d of it)", job.resume_from,
+                 trainer.counters.global_step, trainer.counters.epoch,
+                 trainer.counters.step_in_epoch)
+    trainer.progress = _progress(job, replica, trainer.counters.global_step)
     try:
         metrics = trainer.fit()
+    except Stopped:
+        stop_request.forward()  # e.g. submitit's USR2 handler, which requeues the job
+        raise
     finally:
         trainer.progress.close()
         tracker.flush()
+    trainer.save(trainer)
     if replica.is_main:
-        save_final_checkpoint(job, trainer)
         log.info("done: %s", ", ".join(f"{k}={v:.6g}" for k, v in metrics.items()))
     return metrics
-
-
-def save_final_checkpoint(job: Job, trainer: Trainer) -> None:
-    """`checkpoints/last.pt`: the unwrapped model and what a resume needs (DESIGN section 2)."""
-    path = save_checkpoint(job.run_dir / "checkpoints" / "last.pt", {
-        "model": Replica.unwrap(trainer.model).state_dict(),
-        "optimizer": trainer.optimizer.state_dict(),
-        "scheduler": trainer.scheduler.state_dict(),
-        "global_step": trainer.counters.global_step,
-        "epoch": trainer.counters.epoch,
-        "samples_seen": trainer.counters.samples_seen,
-        "plan": job.plan.to_dict(),
-        "config": job.config_dict(),
-    })
-    log.info("checkpoint: %s", path)

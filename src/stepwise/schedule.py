@@ -100,10 +100,12 @@ def make_schedule(*, name: str, unit: str, warmup: float, warmup_start_factor: f
                               "drop it or lengthen the run")
         if not 0.0 < gamma <= 1.0:
             raise ConfigError("schedule.gamma", gamma, "must be in (0, 1]", "use e.g. 0.1")
+    cosine, multistep = name == "cosine", name == "multistep"
     return Schedule(name=name, warmup_samples=warmup_samples,
                     warmup_start_factor=warmup_start_factor if warmup_samples else 1.0,
-                    decay_samples=decay, min_lr_factor=min_lr_factor, milestones_samples=marks,
-                    gamma=gamma)
+                    decay_samples=decay if cosine else 0,
+                    min_lr_factor=min_lr_factor if cosine else 0.0,
+                    milestones_samples=marks if multistep else (), gamma=gamma if multistep else 0.1)
 
 
 def adapt_adam(betas: tuple[float, float], eps: float, kappa: float) -> tuple[tuple[float, float],

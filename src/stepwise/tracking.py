@@ -5,6 +5,7 @@ mlflow is imported only here and only when a run is really opened, so dry runs s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -12,6 +13,58 @@ from typing import Any
 
 MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
 FLUSH_EVERY = 500  # buffered metric values before a log_batch round-trip
+SERVER_TIMEOUT_S = 10  # an http tracking URI that does not answer in this time is reported
+RETRIES = 5  # sqlite "database is locked" while other jobs write: retried with a backoff
+
+
+def check_reachable(uri: str) -> None:
+    """Fail fast (ConfigError within SERVER_TIMEOUT_S) if an http(s) tracking server is not up,
+    instead of MLflow's minutes of retries."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    from stepwise.errors import ConfigError
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=SERVER_TIMEOUT_S) as resp:
+            resp.read()
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise ConfigError("logger.tracking_uri", uri, f"no MLflow server answers there ({reason})",
+                          "start it (mlflow server --host 127.0.0.1 --port 5000), fix the URI, "
+                          "or leave logger.tracking_uri null for the sqlite file") from None
+
+
+@contextlib.contextmanager
+def store_lock(uri: str):
+    """Serialise the creation of a sqlite store (its schema migration is not safe to run from
+    several jobs at once); a no-op for other stores."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    path = Path(uri[len("sqlite:///"):])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def retrying(call, *args, **kwargs):
+    """Call an MLflow client method, retrying while another process holds the sqlite lock."""
+    for attempt in range(RETRIES):
+        try:
+            return call(*args, **kwargs)
+        except Exception as err:
+            if "locked" not in str(err) or attempt == RETRIES - 1:
+                raise
+            time.sleep(0.2 * 2 ** attempt)
 
 
 def default_tracking_uri(configured: str | None, start_dir: str | os.PathLike) -> str:
@@ -37,6 +90,7 @@ class NullTracker:
     """Does nothing: ranks other than 0, `logger=none`, dry runs."""
 
     run_id: str | None = None
+    resumed = False
 
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
@@ -53,22 +107,42 @@ class MlflowTracker:
         experiment_name: created if it does not exist.
         run_name: shown in the UI; MLflow picks one when None.
         tags: set on the run when it is created.
-        run_id: attach to this existing run instead of creating one (a spawned rank 0 logging
-            into the run that its launching process owns).
+        run_id: continue this existing run (a resume, or a spawned rank 0 logging into the run
+            its launching process owns): it is set RUNNING again, and metric values already
+            logged at a step are not logged again. If the store does not know it, a new run is
+            created.
     """
 
     def __init__(self, tracking_uri: str, experiment_name: str, run_name: str | None = None,
                  tags: dict[str, str] | None = None, run_id: str | None = None) -> None:
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(tracking_uri)
-        if run_id is None:
-            experiment_id = self._experiment_id(experiment_name)
-            run_id = self.client.create_run(experiment_id, run_name=run_name,
-                                            tags=tags or {}).info.run_id
-        self.run_id = run_id
+        check_reachable(tracking_uri)
+        with store_lock(tracking_uri):
+            self.client = MlflowClient(tracking_uri)
+            self.client.search_experiments(max_results=1)  # creates the store's tables once
         self.tracking_uri = tracking_uri
         self._pending: list[Any] = []
+        self._logged_up_to: dict[str, int] = {}
+        self.resumed = run_id is not None and self._reopen(run_id)
+        if self.resumed:
+            self.run_id = run_id
+            return
+        experiment_id = self._experiment_id(experiment_name)
+        self.run_id = self.client.create_run(experiment_id, run_name=run_name,
+                                             tags=tags or {}).info.run_id
+
+    def _reopen(self, run_id: str) -> bool:
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:
+            return False
+        for key in run.data.metrics:
+            steps = [m.step for m in self.client.get_metric_history(run_id, key)]
+            self._logged_up_to[key] = max(steps, default=-1)
+        if run.info.status != "RUNNING":
+            self.client.update_run(run_id, status="RUNNING")
+        return True
 
     def _experiment_id(self, name: str) -> str:
         experiment = self.client.get_experiment_by_name(name)
@@ -84,27 +158,28 @@ class MlflowTracker:
 
         items = [Param(key, str(value)) for key, value in params.items()]
         for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
+            retrying(self.client.log_batch, self.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._pending += [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        self._pending += [Metric(key, float(value), now, step) for key, value in metrics.items()
+                          if step > self._logged_up_to.get(key, -1)]
         if len(self._pending) >= FLUSH_EVERY:
             self.flush()
 
     def flush(self) -> None:
         while self._pending:
             batch, self._pending = self._pending[:1000], self._pending[1000:]
-            self.client.log_batch(self.run_id, metrics=batch)
+            retrying(self.client.log_batch, self.run_id, metrics=batch)
 
     def log_artifact(self, path: str | os.PathLike) -> None:
-        self.client.log_artifact(self.run_id, str(path))
+        retrying(self.client.log_artifact, self.run_id, str(path))
 
     def finish(self, status: str) -> None:
         """Flush and close the run as FINISHED, FAILED or KILLED."""
         try:
             self.flush()
         finally:
-            self.client.set_terminated(self.run_id, status=status)
+            retrying(self.client.set_terminated, self.run_id, status=status)

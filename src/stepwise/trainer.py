@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,12 +31,43 @@ class PlanMismatch(RuntimeError):
     """What was executed differs from the plan: the run is failed, never reported as fine."""
 
 
+class NonFiniteLoss(RuntimeError):
+    """`trainer.on_nonfinite=stop` and a window's loss was NaN or infinite."""
+
+
+class Stopped(Exception):
+    """A stop signal (SIGTERM, SIGUSR2) was honoured: the step finished and a checkpoint was saved."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by signal {signum} after checkpointing")
+        self.signum = signum
+
+
+class StopRequest:
+    """Set from a signal handler; read by the loop after each optimizer step."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self.previous: dict[int, Any] = {}  # the handlers ours replaced
+
+    def forward(self) -> None:
+        """Hand the signal to the handler that was there before ours (submitit's requeue)."""
+        handler = self.previous.get(self.signum)
+        if callable(handler):
+            handler(self.signum, None)
+
+
 @dataclass
 class Counters:
+    """What has been executed. `global_step` counts optimizer-step windows, skipped ones included
+    (`skipped_steps`), so that the schedule stays aligned with the samples seen."""
+
     global_step: int = 0
     micro_steps: int = 0
     samples_seen: int = 0
     epoch: int = 0
+    step_in_epoch: int = 0
+    skipped_steps: int = 0
 
 
 class Trainer:
@@ -57,13 +89,19 @@ class Trainer:
                  scheduler: torch.optim.lr_scheduler.LRScheduler, plan: Plan, task: str,
                  train_loader, val_loader, replica: Replica, tracker, progress,
                  grad_clip_norm: float | None = None, log_every_n_steps: int = 1,
-                 val_every_n_epochs: int = 1) -> None:
+                 val_every_n_epochs: int = 1, on_nonfinite: str = "stop",
+                 checkpoint_every_n_steps: int = 0,
+                 save: Callable[[Trainer], None] | None = None,
+                 stop_request: StopRequest | None = None) -> None:
         self.model, self.optimizer, self.scheduler, self.plan = model, optimizer, scheduler, plan
         self.task, self.loss_fn = task, per_sample_loss(task)
         self.train_loader, self.val_loader = train_loader, val_loader
         self.replica, self.tracker, self.progress = replica, tracker, progress
         self.grad_clip_norm = grad_clip_norm
         self.log_every_n_steps, self.val_every_n_epochs = log_every_n_steps, val_every_n_epochs
+        self.on_nonfinite, self.checkpoint_every_n_steps = on_nonfinite, checkpoint_every_n_steps
+        self.save = save or (lambda trainer: None)
+        self.stop_request = stop_request or StopRequest()
         self.counters = Counters()
         self.real_samples = 0  # this process's real samples, summed over ranks at the end
         self.last_lr = float("nan")  # the LR of the last optimizer step taken
@@ -71,35 +109,62 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
         """Train until the plan's total of optimizer steps; return the last validation metrics
-        and the executed `global_step`."""
+        and the executed `global_step`. Raises Stopped after a stop signal (checkpoint saved)."""
         metrics: dict[str, float] = {}
         for epoch in range(self.counters.epoch, self.plan.epochs):
             self.counters.epoch = epoch
             for window, batches in self.windows(epoch):
-                self.train_step(batches, window)
+                stop = self.train_step(batches, window)
+                self.counters.step_in_epoch += 1
+                self._after_step(stop)
             last = epoch == self.plan.epochs - 1
             if self.val_loader is not None and (last or (epoch + 1) % self.val_every_n_epochs == 0):
                 metrics = self.evaluate()
                 self.tracker.log_metrics(metrics, step=self.counters.global_step)
-            self.counters.epoch = epoch + 1
+            if self.counters.step_in_epoch == self.plan.optimizer_steps_per_epoch:
+                self.counters.epoch, self.counters.step_in_epoch = epoch + 1, 0
         self.check_against_plan()
         final = {"global_step": self.counters.global_step}
         self.tracker.log_metrics(final, step=self.counters.global_step)
         return {**metrics, **final}
 
     def windows(self, epoch: int) -> Iterator[tuple[Window, list[Batch]]]:
-        """The epoch's optimizer-step windows, each with its micro-batches on the device."""
-        self.train_loader.batch_sampler.set_epoch(epoch)
+        """The epoch's optimizer-step windows, each with its micro-batches on the device, from
+        `counters.step_in_epoch` on (a resumed run skips what it has done without loading it)."""
+        start = self.counters.step_in_epoch
+        self.train_loader.batch_sampler.set_epoch(epoch, start * self.plan.accum)
         batches = iter(self.train_loader)
-        for step_in_epoch in range(self.plan.optimizer_steps_per_epoch):
+        for step_in_epoch in range(start, self.plan.optimizer_steps_per_epoch):
             if self.counters.global_step >= self.plan.total_optimizer_steps:
                 return
             window = self.plan.window(step_in_epoch)
             micro = range(window.first_micro_step, window.first_micro_step + window.micro_steps)
             yield window, [self._to_device(next(batches), j) for j in micro]
 
-    def train_step(self, batches: list[Batch], window: Window) -> torch.Tensor:
-        """One optimizer step: the gradient of the mean loss over the window's real samples."""
+    def train_step(self, batches: list[Batch], window: Window) -> int:
+        """One optimizer step: the gradient of the mean loss over the window's real samples.
+
+        Returns the number of a stop signal that some rank received (0: none).
+        """
+        loss_sum = self._accumulate(batches, window)
+        nonfinite, stop = self._exchange_flags(loss_sum)
+        if nonfinite:
+            self._nonfinite()
+        else:
+            if self.grad_clip_norm is not None:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
+            self.optimizer.step()
+        lr = self.last_lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.counters.global_step += 1
+        self.counters.micro_steps += len(batches)
+        self.counters.samples_seen += window.samples
+        self._log_step(loss_sum, window, lr)
+        return stop
+
+    def _accumulate(self, batches: list[Batch], window: Window) -> torch.Tensor:
+        """Forward/backward every micro-step; DDP all-reduces on the last one only."""
         scale = self.replica.loss_multiplier / window.samples
         loss_sum = torch.zeros((), device=self.replica.device, dtype=torch.float64)
         for i, (x, y, real) in enumerate(batches):
@@ -108,17 +173,39 @@ class Trainer:
                 (batch_sum * scale).backward()
             loss_sum += batch_sum.detach()
             self.real_samples += real
-        if self.grad_clip_norm is not None:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
-        lr = self.last_lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.counters.global_step += 1
-        self.counters.micro_steps += len(batches)
-        self.counters.samples_seen += window.samples
-        self._log_step(loss_sum, window, lr)
         return loss_sum
+
+    def _exchange_flags(self, loss_sum: torch.Tensor) -> tuple[bool, int]:
+        """(any rank's loss non-finite, the stop signal any rank got): one small all-reduce in
+        DDP, so that every rank takes the same decision at the same step."""
+        flags = torch.stack([(~torch.isfinite(loss_sum)).double(),
+                             torch.tensor(float(self.stop_request.signum), dtype=torch.float64,
+                                          device=loss_sum.device)])
+        if self.replica.mode == "ddp":
+            import torch.distributed as dist
+
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        nonfinite, stop = flags.tolist()
+        return nonfinite > 0, int(stop)
+
+    def _nonfinite(self) -> None:
+        step = self.counters.global_step + 1
+        if self.on_nonfinite == "stop":
+            raise NonFiniteLoss(f"non-finite loss at optimizer step {step} (samples "
+                                f"{self.counters.samples_seen}..); trainer.on_nonfinite=skip "
+                                "would drop such steps instead")
+        self.counters.skipped_steps += 1
+        log.warning("non-finite loss at optimizer step %d: step skipped (%d so far)", step,
+                    self.counters.skipped_steps)
+
+    def _after_step(self, stop: int) -> None:
+        """Checkpoint when due or when asked to stop; then honour the stop."""
+        every = self.checkpoint_every_n_steps
+        if stop or (every and self.counters.global_step % every == 0
+                    and self.counters.global_step < self.plan.total_optimizer_steps):
+            self.save(self)
+        if stop:
+            raise Stopped(stop)
 
     def _log_step(self, loss_sum: torch.Tensor, window: Window, lr: float) -> None:
         step = self.counters.global_step
@@ -127,10 +214,10 @@ class Trainer:
             return
         loss = self.replica.sum(loss_sum).item() / window.samples  # the only host sync
         self.progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
-        self.tracker.log_metrics(
-            {"train/loss": loss, "train/lr": lr, "train/samples_seen": self.counters.samples_seen},
-            step=step,
-        )
+        metrics = {"train/loss": loss, "train/lr": lr, "train/samples_seen": self.counters.samples_seen}
+        if self.counters.skipped_steps:
+            metrics["train/skipped_steps"] = self.counters.skipped_steps
+        self.tracker.log_metrics(metrics, step=step)
 
     def _to_device(self, batch: tuple[torch.Tensor, torch.Tensor], micro_step: int) -> Batch:
         x, y = batch
@@ -182,3 +269,42 @@ class Trainer:
             raise PlanMismatch("the run did not execute its plan: " + "; ".join(wrong))
         log.info("executed as planned: %d optimizer steps, %d micro-steps, %d samples",
                  self.counters.global_step, self.counters.micro_steps, self.counters.samples_seen)
+
+    # -- state for checkpoints ------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything an exact resume needs from the loop (collective in DDP: call on every rank)."""
+        real_total = int(self.replica.sum(torch.tensor(float(self.real_samples), dtype=torch.float64,
+                                                        device=self.replica.device)).item())
+        rng = {"cpu": torch.get_rng_state()}
+        if self.replica.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.replica.device)
+        return {
+            "model": Replica.unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "global_step": self.counters.global_step,
+            "counters": {**asdict(self.counters), "real_samples": real_total},
+            "rng": self.replica.all_gather_object(rng),  # one entry per rank
+            "world_size": self.replica.world_size,
+            "last_lr": self.last_lr,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where `state` stopped (the RNG too, when the world size is the same)."""
+        Replica.unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        counters = dict(state["counters"])
+        real = counters.pop("real_samples")
+        self.counters = Counters(**counters)
+        saved = state["plan"]
+        if (saved["accum"], saved["world_size"]) != (self.plan.accum, self.plan.world_size):
+            # An elastic resume: the same windows, cut into other micro-steps.
+            self.counters.micro_steps = self.plan.micro_steps_after(self.counters.global_step)
+        self.real_samples = real if self.replica.is_main else 0
+        self.last_lr = state["last_lr"]
+        if state.get("world_size") == self.replica.world_size:
+            rng = state["rng"][self.replica.rank]
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and self.replica.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.replica.device)
