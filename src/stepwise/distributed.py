@@ -144,4 +144,8 @@ def stop_replica(replica: Replica) -> None:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            # Leave together: a rank whose peers already closed their gloo sockets can abort
+            # ("terminate called without an active exception") while tearing its group down.
+            with contextlib.suppress(Exception):
+                dist.barrier()
             dist.destroy_process_group()

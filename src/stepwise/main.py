@@ -69,6 +69,7 @@ def run(cfg: DictConfig) -> dict[str, float] | None:
             print(f"stopped by signal {stop.signum} after saving a checkpoint in "
                   f"{run_dir / 'checkpoints'}; run the same command with "
                   f"hydra.run.dir={run_dir} to resume (trainer.resume=auto)", file=sys.stderr)
+        stop.forward()  # e.g. submitit's SIGUSR2 handler, which requeues the job and exits
         sys.exit(128 + stop.signum)
     except (NonFiniteLoss, PlanMismatch) as err:
         print(f"error: {err}", file=sys.stderr)

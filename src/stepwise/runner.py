@@ -180,9 +180,6 @@ def train(job: Job, replica: Replica, tracker, resumed: dict[str, Any] | None = 
     trainer.progress = _progress(job, replica, trainer.counters.global_step)
     try:
         metrics = trainer.fit()
-    except Stopped:
-        stop_request.forward()  # e.g. submitit's USR2 handler, which requeues the job
-        raise
     finally:
         trainer.progress.close()
         tracker.flush()

@@ -38,9 +38,14 @@ class NonFiniteLoss(RuntimeError):
 class Stopped(Exception):
     """A stop signal (SIGTERM, SIGUSR2) was honoured: the step finished and a checkpoint was saved."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, request: StopRequest | None = None) -> None:
         super().__init__(f"stopped by signal {signum} after checkpointing")
-        self.signum = signum
+        self.signum, self.request = signum, request
+
+    def forward(self) -> None:
+        """Once the run is closed: give the signal to the handler ours replaced, if any."""
+        if self.request is not None:
+            self.request.forward()
 
 
 class StopRequest:
@@ -205,7 +210,7 @@ class Trainer:
                     and self.counters.global_step < self.plan.total_optimizer_steps):
             self.save(self)
         if stop:
-            raise Stopped(stop)
+            raise Stopped(stop, self.stop_request)
 
     def _log_step(self, loss_sum: torch.Tensor, window: Window, lr: float) -> None:
         step = self.counters.global_step

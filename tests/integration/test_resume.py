@@ -184,12 +184,12 @@ def test_concurrent_jobs_share_the_sqlite_store(workdir):
                                f"seed={i}", f"logger.run_name=job{i}",
                                f"hydra.run.dir=outputs/job{i}"],
                               cwd=workdir, env=_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(3)]
+                              stderr=subprocess.STDOUT, text=True) for i in range(4)]
     outputs = [p.communicate(timeout=180)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0, 0], outputs
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], outputs
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("stepwise").experiment_id])
-    assert sorted(r.info.run_name for r in runs) == ["job0", "job1", "job2"]
+    assert sorted(r.info.run_name for r in runs) == ["job0", "job1", "job2", "job3"]
     for run in runs:
         assert run.info.status == "FINISHED"
         assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 90

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
+from stepwise.checkpoint import load_checkpoint
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.slurm, pytest.mark.ddp]
@@ -60,3 +64,65 @@ def test_more_processes_than_the_allocation_is_refused(workdir):
     assert errors == ["error: parallel.nproc=4: the SLURM allocation started 2 processes per node; "
                       "fix: set parallel.nproc=2 or null, or start 4 tasks per node"], proc.stderr
     assert not (workdir / "outputs").exists() or not list(workdir.glob("outputs/**/plan.json"))
+
+
+@contextlib.contextmanager
+def _start_requeued_jobs_now():
+    """slurmctld holds a requeued job back for about two minutes before it may start again; the
+    cluster's operator (this test) lets it start at once, so the test does not wait for nothing."""
+    done = threading.Event()
+
+    def release() -> None:
+        while not done.wait(1.0):
+            pending = subprocess.run(["squeue", "-h", "-t", "PD", "-o", "%i"],
+                                     capture_output=True, text=True).stdout.split()
+            for job_id in pending:
+                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
+                               capture_output=True)
+
+    thread = threading.Thread(target=release, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def test_a_timed_out_job_is_requeued_and_finishes_as_one_run(workdir):
+    """A 1-minute time limit ends mid-training (about 50 s of training plus start-up): submitit's
+    SIGUSR2 makes stepwise checkpoint, submitit requeues, the job resumes into the same MLflow run
+    and ends with the weights of an uninterrupted run."""
+    job = ("model._target_=tests.fixtures.SlowMLP", "data.batch_size=16", "trainer.max_epochs=25",
+           "trainer.precision=64", "trainer.checkpoint_every_n_steps=100",
+           "trainer.progress_bar=false")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "HYDRA_", "SLURM_"))}
+    env.update(PYTHONPATH=str(ROOT), SLOW_FORWARD_S="0.02")
+    with _start_requeued_jobs_now():
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=slurm",
+             "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=20",
+             "hydra.launcher.max_num_timeout=6", "hydra.sweep.dir=multirun/requeue",
+             "logger.run_name=requeued", *job],
+            cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job_dir = workdir / "multirun" / "requeue" / "0"
+    log = (job_dir / "train.log").read_text()
+    assert "resumed from" in log, log[-3000:]
+
+    env["SLOW_FORWARD_S"] = "0"  # the same arithmetic, without the sleeps
+    subprocess.run([sys.executable, str(ROOT / "train.py"), *job, "logger=none",
+                    "hydra.run.dir=outputs/reference"], cwd=workdir, env=env, check=True,
+                   capture_output=True)
+    requeued = load_checkpoint(job_dir / "checkpoints" / "last.pt")
+    reference = load_checkpoint(workdir / "outputs" / "reference" / "checkpoints" / "last.pt")
+    assert requeued["global_step"] == reference["global_step"] == 2250
+    for key, value in reference["model"].items():
+        assert torch.equal(requeued["model"][key], value), key
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("stepwise").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "requeued"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, 2251))
