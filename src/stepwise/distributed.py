@@ -138,9 +138,14 @@ def start_replica(parallel, device: str, env: DistEnv) -> Replica:
                    find_unused_parameters=parallel.find_unused_parameters)
 
 
-def stop_replica(replica: Replica) -> None:
-    """Leave the process group (DDP); nothing to do otherwise."""
-    if replica.mode == "ddp":
+def stop_replica(replica: Replica, failed: bool = False) -> None:
+    """Leave the process group (DDP); nothing to do otherwise.
+
+    A rank that `failed` leaves without a word: its peers may be inside a collective it will
+    never join, and a barrier now could pair with their all-reduce and hang or corrupt both.
+    Its exit closes the sockets, the launcher sees the failure and ends the other ranks.
+    """
+    if replica.mode == "ddp" and not failed:
         import torch.distributed as dist
 
         if dist.is_initialized():

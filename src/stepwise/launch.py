@@ -79,15 +79,18 @@ def _worker(job: Job, run_id: str | None, tracking_uri: str | None,
         tracker = NullTracker()
         if replica.is_main and run_id is not None:
             tracker = MlflowTracker(tracking_uri, job.config.logger.experiment_name, run_id=run_id)
-        return train(job, replica, tracker, resume_state(job))
+        result = train(job, replica, tracker, resume_state(job))
     except Stopped as stop:
         # The checkpoint is saved. Leave now: a returning elastic worker would wait for its
         # launcher to collect the result, while the launcher, shutting down, waits for it to exit.
         stop_replica(replica)
         logging.shutdown()
         os._exit(128 + stop.signum)
-    finally:
-        stop_replica(replica)
+    except BaseException:
+        stop_replica(replica, failed=True)
+        raise
+    stop_replica(replica)
+    return result
 
 
 def _die_with_parent() -> None:

@@ -115,10 +115,18 @@ def execute(job: Job, log_file: str | None = None) -> dict[str, float]:
     replica = start_replica(job.config.parallel, job.config.trainer.device, job.env)
     try:
         if replica.is_main:
-            return owning_run(job, lambda tracker: train(job, replica, tracker, resumed), resumed)
-        return train(job, replica, NullTracker(), resumed)
-    finally:
-        stop_replica(replica)
+            result = owning_run(job, lambda tracker: train(job, replica, tracker, resumed),
+                                resumed)
+        else:
+            result = train(job, replica, NullTracker(), resumed)
+    except Stopped:
+        stop_replica(replica)  # every rank stopped at the same step: they leave together
+        raise
+    except BaseException:
+        stop_replica(replica, failed=True)
+        raise
+    stop_replica(replica)
+    return result
 
 
 def build_trainer(job: Job, replica: Replica, tracker, stop_request: StopRequest | None = None

@@ -154,9 +154,13 @@ def _live_processes_in_session(sid: int) -> list[str]:
     return alive
 
 
-def test_a_failing_rank_ends_the_job(workdir):
+@pytest.mark.parametrize("delay", ["0", "1.5"])
+def test_a_failing_rank_ends_the_job(delay, workdir):
+    """With a delay, rank 0 already waits in the gradient all-reduce when rank 1 fails: the failing
+    rank must leave without any further collective (a barrier would pair with that all-reduce and
+    both would wait for parallel.timeout_s, 300 s)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
-    env.update(FAIL_RANK="1", FAIL_AFTER="3", PYTHONPATH=str(ROOT))
+    env.update(FAIL_RANK="1", FAIL_AFTER="3", FAIL_DELAY_S=delay, PYTHONPATH=str(ROOT))
     started = time.monotonic()
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), "parallel=ddp", "trainer.max_epochs=50",
