@@ -27,6 +27,14 @@ def known_keys() -> list[str]:
     return sorted(set(keys))
 
 
+def launcher_keys() -> list[str]:
+    """The keys of hydra/launcher=slurm|local (submitit's queue configs)."""
+    from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
+
+    return sorted({f"hydra.launcher.{f.name}" for conf in (SlurmQueueConf, LocalQueueConf)
+                   for f in dataclasses.fields(conf) if not f.name.startswith("_")})
+
+
 def _value_of(key: str, argv: Sequence[str]) -> str:
     for arg in argv:
         name, sep, value = arg.lstrip("+~").partition("=")
@@ -51,7 +59,8 @@ def one_line(err: Exception, argv: Sequence[str]) -> str | None:
     cause = err.__cause__
     key = getattr(cause, "full_key", None)
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key:
-        close = difflib.get_close_matches(key, known_keys(), n=1, cutoff=0.6)
+        keys = launcher_keys() if key.startswith("hydra.launcher.") else known_keys()
+        close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
         fix = f"did you mean {close[0]}?" if close else "check the key's spelling"
         return f"{key}={_value_of(key, argv)}: no such key; fix: {fix}"
     if isinstance(cause, ValidationError) and key:

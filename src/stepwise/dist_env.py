@@ -18,7 +18,8 @@ from stepwise.errors import ConfigError
 
 @dataclass(frozen=True)
 class DistEnv:
-    """This process's place in a job. `source` is `torchrun`, `slurm` or `none` (not launched)."""
+    """This process's place in a job. `source` is `torchrun`, `slurm`, `submitit` (its local
+    executor) or `none` (not launched)."""
 
     source: str = "none"
     rank: int = 0
@@ -77,6 +78,15 @@ def detect(env: Mapping[str, str]) -> DistEnv:
             master_addr=first_host(nodelist),
             master_port=20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000,
         )
+    if int(env.get("SUBMITIT_LOCAL_NTASKS", "1")) > 1 and "SUBMITIT_LOCAL_GLOBALID" in env:
+        # submitit's local executor (hydra/launcher=local) with several tasks on this machine
+        return DistEnv(
+            source="submitit", rank=int(env["SUBMITIT_LOCAL_GLOBALID"]),
+            local_rank=int(env.get("SUBMITIT_LOCAL_LOCALID", 0)),
+            world_size=int(env["SUBMITIT_LOCAL_NTASKS"]),
+            local_world_size=int(env["SUBMITIT_LOCAL_NTASKS"]),
+            master_port=20000 + int(env.get("SUBMITIT_LOCAL_JOB_ID", "0")) % 20000,
+        )
     return DistEnv()
 
 
@@ -96,7 +106,8 @@ def ddp_world(nproc: int | None, nnodes: int, env: DistEnv, gpus: int) -> tuple[
         raise ConfigError("parallel.nnodes", nnodes, "must be at least 1", "set parallel.nnodes=1")
     if env.launched:
         if nproc is not None and nproc != env.local_world_size:
-            launcher = "the SLURM allocation" if env.source == "slurm" else "torchrun"
+            launcher = {"slurm": "the SLURM allocation",
+                        "submitit": "submitit's local launcher"}.get(env.source, "torchrun")
             raise ConfigError(
                 "parallel.nproc", nproc,
                 f"{launcher} started {env.local_world_size} processes per node",
@@ -105,3 +116,16 @@ def ddp_world(nproc: int | None, nnodes: int, env: DistEnv, gpus: int) -> tuple[
         return env.local_world_size, env.world_size
     per_node = nproc if nproc is not None else (gpus or 2)
     return per_node, per_node * nnodes
+
+
+def submitit_tasks_per_node(mode: str, nproc: int | None, gpus_per_node: int | None) -> int:
+    """Tasks per node a submitit launcher starts for `parallel`: one per DDP rank, else one.
+
+    With `parallel.nproc=null`, DDP runs one rank per GPU of the node, or 2 on CPU-only nodes
+    (the default of `python train.py parallel=ddp` on one machine).
+    """
+    if mode != "ddp":
+        return 1
+    if nproc is not None:
+        return nproc
+    return gpus_per_node or 2

@@ -8,13 +8,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stepwise.config import Config
 from stepwise.data import ArrayData, build_data
 from stepwise.dist_env import DistEnv, ddp_world
 from stepwise.errors import ConfigError
 from stepwise.plan import Plan, derive_accum, make_plan
+
+if TYPE_CHECKING:
+    from stepwise.sweep import SweepJob
 
 PARALLEL_MODES = ("single", "dp", "ddp")
 BACKENDS = ("auto", "gloo", "nccl")
@@ -37,6 +40,7 @@ class Job:
     env: DistEnv = DistEnv()
     nproc: int = 1  # processes per node (ddp); 1 otherwise
     resume_from: Path | None = None  # the checkpoint this run continues, if any
+    sweep: SweepJob | None = None  # set for a job of a multirun: its parent run
 
     def config_dict(self) -> dict[str, Any]:
         tree = dataclasses.asdict(self.config)
@@ -57,6 +61,10 @@ def validate(config: Config) -> None:
     _one_of("trainer.precision", trainer.precision, PRECISIONS)
     _one_of("logger.backend", config.logger.backend, LOGGER_BACKENDS)
     _one_of("trainer.on_nonfinite", trainer.on_nonfinite, NONFINITE_POLICIES)
+    if config.logger.backend == "mlflow" and config.logger.tracking_uri:
+        from stepwise.tracking import check_scheme
+
+        check_scheme(config.logger.tracking_uri)
     if trainer.checkpoint_every_n_steps < 0:
         raise ConfigError("trainer.checkpoint_every_n_steps", trainer.checkpoint_every_n_steps,
                           "must be >= 0", "use 0 to checkpoint only at the end and on signals")
@@ -174,7 +182,8 @@ def adapted_optimizer_args(config: Config, plan: Plan) -> dict[str, Any]:
     return args
 
 
-def prepare(config: Config, run_dir: Path, start_dir: Path, env: DistEnv | None = None) -> Job:
+def prepare(config: Config, run_dir: Path, start_dir: Path, env: DistEnv | None = None,
+            sweep: SweepJob | None = None) -> Job:
     """Validate the config, load the data's arrays and compute the plan.
 
     Args:
@@ -198,7 +207,8 @@ def prepare(config: Config, run_dir: Path, start_dir: Path, env: DistEnv | None 
     from stepwise.resume import find_checkpoint
 
     return Job(config=config, data=data, plan=plan, run_dir=run_dir, start_dir=start_dir,
-               env=env, nproc=nproc, resume_from=find_checkpoint(config.trainer.resume, run_dir))
+               env=env, nproc=nproc, resume_from=find_checkpoint(config.trainer.resume, run_dir),
+               sweep=sweep)
 
 
 def run_params(job: Job) -> dict[str, Any]:

@@ -32,6 +32,7 @@ def run(cfg: DictConfig) -> dict[str, float] | None:
     """Validate, plan, and (unless `dry_run`) train. Config errors exit 2 with one line."""
     from stepwise.dist_env import detect
     from stepwise.job import prepare
+    from stepwise.sweep import sweep_job
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -39,7 +40,8 @@ def run(cfg: DictConfig) -> dict[str, float] | None:
     if env.rank != 0:  # rank 0 speaks for the job
         logging.getLogger().setLevel(logging.WARNING)
     try:
-        job = prepare(OmegaConf.to_object(cfg), run_dir=run_dir, start_dir=Path.cwd(), env=env)
+        job = prepare(OmegaConf.to_object(cfg), run_dir=run_dir, start_dir=Path.cwd(), env=env,
+                      sweep=sweep_job(hydra_cfg))
     except ConfigError as err:
         if env.rank == 0:  # every rank finds the same mistake; one of them says it
             print(f"error: {err}", file=sys.stderr)

@@ -48,8 +48,14 @@ def open_run(job: Job, resumed: dict[str, Any] | None = None):
         return NullTracker()
     uri = default_tracking_uri(cfg.tracking_uri, job.start_dir)
     run_id = (resumed or {}).get("mlflow_run_id")
-    tracker = MlflowTracker(uri, cfg.experiment_name, cfg.run_name, run_id=run_id,
-                            tags={"stepwise.run_dir": str(job.run_dir)})
+    tags, run_name = {"stepwise.run_dir": str(job.run_dir)}, cfg.run_name
+    if job.sweep is not None and job.sweep.tracking_uri == uri:  # a child of the sweep's run
+        tags.update(job.sweep.tags())
+        run_name = run_name or job.sweep.run_name
+    elif job.sweep is not None:
+        log.warning("this job logs to %s, its sweep's parent run is in %s: not linked to it",
+                    uri, job.sweep.tracking_uri)
+    tracker = MlflowTracker(uri, cfg.experiment_name, run_name, run_id=run_id, tags=tags)
     if tracker.resumed:
         log.info("MLflow run %s reopened in %s at global_step %d", tracker.run_id, uri,
                  resumed["global_step"])

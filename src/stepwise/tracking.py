@@ -17,6 +17,24 @@ SERVER_TIMEOUT_S = 10  # an http tracking URI that does not answer in this time 
 RETRIES = 5  # sqlite "database is locked" while other jobs write: retried with a backoff
 
 
+# What MLflow's tracking stores accept (database URIs may name a driver: postgresql+psycopg2).
+TRACKING_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql",
+                    "databricks")
+
+
+def check_scheme(uri: str) -> None:
+    """A tracking URI MLflow has no store for is a ConfigError (a bare path is a file store)."""
+    from urllib.parse import urlparse
+
+    from stepwise.errors import ConfigError
+
+    scheme = urlparse(uri).scheme
+    if scheme and scheme.split("+")[0] not in TRACKING_SCHEMES:
+        raise ConfigError("logger.tracking_uri", uri, f"MLflow has no tracking store for "
+                          f"{scheme}://", "use http(s)://host:port for a server, "
+                          "sqlite:///path/mlflow.db, or leave it null for ./mlflow.db")
+
+
 def check_reachable(uri: str) -> None:
     """Fail fast (ConfigError within SERVER_TIMEOUT_S) if an http(s) tracking server is not up,
     instead of MLflow's minutes of retries."""
@@ -117,6 +135,7 @@ class MlflowTracker:
                  tags: dict[str, str] | None = None, run_id: str | None = None) -> None:
         from mlflow.tracking import MlflowClient
 
+        check_scheme(tracking_uri)
         check_reachable(tracking_uri)
         with store_lock(tracking_uri):
             self.client = MlflowClient(tracking_uri)

@@ -122,7 +122,38 @@ def test_a_timed_out_job_is_requeued_and_finishes_as_one_run(workdir):
         assert torch.equal(requeued["model"][key], value), key
 
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
-    [run] = client.search_runs([client.get_experiment_by_name("stepwise").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("stepwise").experiment_id])
+    [parent] = [r for r in runs if r.data.tags.get("stepwise.role") == "sweep"]
+    [run] = [r for r in runs if r is not parent]  # one run for the job, however often requeued
+    assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert parent.info.status == "FINISHED"
     assert run.info.status == "FINISHED" and run.info.run_name == "requeued"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert sorted(steps) == list(range(1, 2251))
+
+
+def test_slurm_ddp_sweep_is_one_parent_with_two_ddp_children(workdir):
+    """hydra/launcher=slurm with parallel=ddp: each job is one sbatch of 2 tasks (tasks_per_node
+    follows parallel.nproc), the 2 ranks of one DDP run; the sweep is one parent run."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "HYDRA_", "SLURM_"))}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=slurm", "parallel=ddp",
+         "parallel.nproc=2", "accum=1,4", "trainer.max_epochs=1", "trainer.progress_bar=false",
+         "hydra.launcher.timeout_min=5", "hydra.sweep.dir=multirun/slurm_ddp"],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    sweep_dir = workdir / "multirun" / "slurm_ddp"
+    for job_dir in sorted((sweep_dir / ".submitit").glob("[0-9]*")):  # one folder per sbatch job
+        assert sorted(p.name.split("_")[1] for p in job_dir.glob("*_log.out")) == ["0", "1"]
+    assert len(list((sweep_dir / ".submitit").glob("[0-9]*"))) == 2
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("stepwise").experiment_id])
+    [parent] = [r for r in runs if r.data.tags.get("stepwise.role") == "sweep"]
+    children = sorted((r for r in runs if r is not parent),
+                      key=lambda r: int(r.data.tags["stepwise.job_num"]))
+    assert [r.data.tags["mlflow.parentRunId"] for r in children] == [parent.info.run_id] * 2
+    assert [(r.data.params["world_size"], r.data.params["accum"]) for r in children] == \
+        [("2", "1"), ("2", "4")]
+    assert [r.data.metrics["global_step"] for r in children] == [23, 6]
+    assert {r.info.status for r in runs} == {"FINISHED"}
