@@ -9,6 +9,6 @@ TORCH_PINS="${TORCH_PINS:-torch==2.13.0 torchvision==0.28.0}"
 stamp=.venv/.stepwise-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install --quiet --disable-pip-version-check $TORCH_PINS
-  .venv/bin/pip install --quiet --disable-pip-version-check -e '.[dev]'
+  .venv/bin/pip install --quiet --disable-pip-version-check -e '.[dev,optuna]'
   touch "$stamp"
 fi

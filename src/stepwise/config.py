@@ -183,6 +183,9 @@ class Config:
     effective_batch_size: int | None = None
     seed: int = 0
     dry_run: bool = False
+    # The final metric `python train.py` returns to a Hydra sweeper that minimises or maximises
+    # (hparams_search=optuna sets val/loss); null returns nothing.
+    optimized_metric: str | None = None
 
 
 SCHEMAS = {

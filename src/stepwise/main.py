@@ -82,8 +82,23 @@ def run(cfg: DictConfig) -> dict[str, float] | None:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def _hydra_main(cfg: DictConfig) -> None:
-    run(cfg)
+def _hydra_main(cfg: DictConfig) -> float | None:
+    metrics = run(cfg)
+    if cfg.optimized_metric is None or metrics is None:
+        return None
+    try:
+        return objective(metrics, cfg.optimized_metric)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def objective(metrics: dict[str, float], name: str) -> float:
+    """The value a sweeper optimises: the run's final `name` metric."""
+    if name not in metrics:
+        raise ConfigError("optimized_metric", name, "the run logs no such final metric",
+                          f"use one of {', '.join(sorted(metrics))}")
+    return float(metrics[name])
 
 
 def main() -> None:

@@ -177,3 +177,22 @@ def test_bad_sweep_input_is_one_line_before_any_job(args, expected, workdir):
         proc.stderr
     assert "Launching" not in proc.stdout and "#0" not in proc.stdout  # no job was started
     assert not (workdir / "mlflow.db").exists()
+
+
+def test_optuna_search_minimises_val_loss(workdir):
+    """hparams_search=optuna: every trial is a child run, and the best value Optuna reports is
+    the smallest final val/loss among them (the value train.py returns to the sweeper)."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    run_cli("-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", "trainer.max_epochs=1",
+            "trainer.progress_bar=false", "hydra.sweep.dir=multirun/optuna", cwd=workdir,
+            check=True)
+    client, parent, children = sweep_runs(f"sqlite:///{workdir / 'mlflow.db'}")
+    assert len(children) == 3 and parent.info.status == "FINISHED"
+    import yaml
+
+    result = yaml.safe_load((workdir / "multirun" / "optuna" / "optimization_results.yaml")
+                            .read_text())
+    losses = [child.data.metrics["val/loss"] for child in children]
+    assert result["best_value"] == pytest.approx(min(losses), rel=1e-12)
+    best = children[losses.index(min(losses))]
+    assert float(best.data.params["optim.lr"]) == pytest.approx(result["best_params"]["optim.lr"])
