@@ -144,9 +144,11 @@ def test_slurm_ddp_sweep_is_one_parent_with_two_ddp_children(workdir):
         cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     sweep_dir = workdir / "multirun" / "slurm_ddp"
-    for job_dir in sorted((sweep_dir / ".submitit").glob("[0-9]*")):  # one folder per sbatch job
-        assert sorted(p.name.split("_")[1] for p in job_dir.glob("*_log.out")) == ["0", "1"]
-    assert len(list((sweep_dir / ".submitit").glob("[0-9]*"))) == 2
+    # submitit's folders: <array job>_<job num>/<array job>_<job num>_<task>_log.out
+    tasks: dict[str, list[str]] = {}
+    for log in (sweep_dir / ".submitit").glob("*/*_log.out"):
+        tasks.setdefault(log.parent.name, []).append(log.name.split("_")[-2])
+    assert len(tasks) == 2 and all(sorted(t) == ["0", "1"] for t in tasks.values()), tasks
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("stepwise").experiment_id])
     [parent] = [r for r in runs if r.data.tags.get("stepwise.role") == "sweep"]

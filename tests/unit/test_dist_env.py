@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from stepwise.dist_env import DistEnv, ddp_world, detect, first_host, tasks_per_node
+from stepwise.dist_env import (
+    DistEnv,
+    ddp_world,
+    detect,
+    first_host,
+    submitit_tasks_per_node,
+    tasks_per_node,
+)
 from stepwise.errors import ConfigError
 
 TORCHRUN = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
@@ -61,3 +68,21 @@ def test_ddp_world_rejects_more_processes_than_the_allocation():
     assert err.value.key == "parallel.nproc" and "SLURM allocation started 2" in str(err.value)
     with pytest.raises(ConfigError):
         ddp_world(0, 1, DistEnv(), 0)
+
+
+def test_submitit_local_tasks_are_ranks():
+    env = {"SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_GLOBALID": "1",
+           "SUBMITIT_LOCAL_LOCALID": "1", "SUBMITIT_LOCAL_JOB_ID": "41234"}
+    dist = detect(env)
+    assert (dist.source, dist.rank, dist.local_rank, dist.world_size, dist.local_world_size) == \
+        ("submitit", 1, 1, 2, 2)
+    assert (dist.master_addr, dist.master_port) == ("127.0.0.1", 20000 + 41234 % 20000)
+    assert not detect({**env, "SUBMITIT_LOCAL_NTASKS": "1"}).launched  # one task: a plain job
+
+
+@pytest.mark.parametrize("mode,nproc,gpus,expected", [
+    ("single", None, 8, 1), ("dp", None, 4, 1), ("ddp", 3, 8, 3), ("ddp", None, 4, 4),
+    ("ddp", None, None, 2), ("ddp", None, 0, 2),
+])
+def test_submitit_tasks_per_node_follows_parallel(mode, nproc, gpus, expected):
+    assert submitit_tasks_per_node(mode, nproc, gpus) == expected
