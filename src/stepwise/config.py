@@ -26,6 +26,23 @@ class LinearConfig:
     _target_: str = "stepwise.models.Linear"
 
 
+@dataclass
+class CNNConfig:
+    _target_: str = "stepwise.models.CNN"
+    widths: list[int] = field(default_factory=lambda: [32, 64])
+
+
+@dataclass
+class TorchvisionModelConfig:
+    """A `torchvision.models` builder by name; classes and input channels follow the data."""
+
+    _target_: str = "stepwise.models.torchvision_model"
+    name: str = "resnet18"
+    weights: str | None = None
+    num_classes: int | None = None  # null: the data's; set: must agree with it
+    in_channels: int | None = None
+
+
 # -- data -------------------------------------------------------------------------------------
 @dataclass
 class DataConfig:
@@ -35,6 +52,8 @@ class DataConfig:
     batch_size: int = 32
     drop_last: bool = False
     num_workers: int = 0
+    persistent_workers: bool = False  # only with num_workers > 0
+    prefetch_factor: int | None = None  # batches each worker loads ahead (null: torch's 2)
 
 
 @dataclass
@@ -65,6 +84,43 @@ class LinRegConfig(DataConfig):
     train_samples: int = 1000
     val_samples: int = 1000
     seed: int = 0
+
+
+@dataclass
+class ImageDataConfig(DataConfig):
+    """Images through torchvision. The transforms (`_target_` lists, e.g. v2.RandomCrop) run
+    between "to a float tensor in [0, 1]" and "normalise with mean and std"."""
+
+    train_transforms: list[Any] = field(default_factory=list)
+    val_transforms: list[Any] = field(default_factory=list)
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+
+@dataclass
+class FakeDataConfig(ImageDataConfig):
+    _target_: str = "stepwise.images.fake"
+    image_shape: list[int] = field(default_factory=lambda: [3, 32, 32])
+    num_classes: int = 10
+    train_samples: int = 512
+    val_samples: int = 128
+    seed: int = 0
+
+
+@dataclass
+class ImageFolderConfig(ImageDataConfig):
+    _target_: str = "stepwise.images.imagefolder"
+    root: str | None = None
+    val_root: str | None = None
+    val_fraction: float = 0.2
+    split_seed: int = 0
+
+
+@dataclass
+class TorchvisionDataConfig(ImageDataConfig):
+    _target_: str = MISSING
+    root: str | None = None
+    download: bool = False
 
 
 # -- parallelism, optimisation, training ------------------------------------------------------
@@ -189,8 +245,11 @@ class Config:
 
 
 SCHEMAS = {
-    "model": {"mlp": MLPConfig, "linear": LinearConfig},
-    "data": {"digits": DigitsConfig, "synthetic": SyntheticConfig, "linreg": LinRegConfig},
+    "model": {"mlp": MLPConfig, "linear": LinearConfig, "cnn": CNNConfig,
+              "torchvision": TorchvisionModelConfig},
+    "data": {"digits": DigitsConfig, "synthetic": SyntheticConfig, "linreg": LinRegConfig,
+             "fake": FakeDataConfig, "imagefolder": ImageFolderConfig,
+             "mnist": TorchvisionDataConfig, "cifar10": TorchvisionDataConfig},
     "parallel": {"single": ParallelConfig, "ddp": DDPConfig, "dp": DPConfig},
     "optim": {"sgd": SGDConfig, "adamw": AdamWConfig},
     "lr_scaling": {"lr_scaling": LRScalingConfig},

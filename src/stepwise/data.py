@@ -12,7 +12,8 @@ import numpy as np
 from stepwise.errors import ConfigError
 
 TASKS = ("classification", "regression")
-LOADER_KEYS = ("_target_", "batch_size", "drop_last", "num_workers")
+LOADER_KEYS = ("_target_", "batch_size", "drop_last", "num_workers", "persistent_workers",
+               "prefetch_factor")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,24 @@ class ArrayData:
     @property
     def train_samples(self) -> int:
         return len(self.x_train)
+
+    @property
+    def val_samples(self) -> int:
+        return len(self.x_val)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.num_features,)
+
+    def train_set(self, dtype, seed: int):
+        from stepwise.loaders import TensorPairDataset
+
+        return TensorPairDataset(self.x_train, self.y_train, dtype)
+
+    def val_set(self, dtype):
+        from stepwise.loaders import TensorPairDataset
+
+        return TensorPairDataset(self.x_val, self.y_val, dtype)
 
 
 def build_data(data_cfg: Any) -> ArrayData:
@@ -117,10 +136,13 @@ class MicroBatchSampler:
     Usable as a DataLoader `batch_sampler`; call `set_epoch` before each epoch.
     """
 
-    def __init__(self, plan: Any, rank: int, seed: int, blocks: int = 1) -> None:
+    def __init__(self, plan: Any, rank: int, seed: int, blocks: int = 1,
+                 with_epoch: bool = False) -> None:
         self.plan, self.rank, self.seed, self.epoch, self.start = plan, rank, seed, 0, 0
         # DataParallel loads the whole b x W slice in one process: one "rank" spanning W blocks.
         self.blocks = blocks
+        # Yield (epoch, index) pairs: datasets that seed augmentation per epoch and sample.
+        self.with_epoch = with_epoch
 
     def set_epoch(self, epoch: int, first_micro_step: int = 0) -> None:
         """Select the epoch, and where in it to start (a resume skips without loading)."""
@@ -133,4 +155,5 @@ class MicroBatchSampler:
         perm = epoch_permutation(self.plan.train_samples, self.seed, self.epoch)
         for j in range(self.start, self.plan.used_micro_steps_per_epoch()):
             start, stop = self.plan.shard(j, self.rank, self.blocks)
-            yield perm[start:stop].tolist() if stop > start else [int(perm[0])]
+            indices = perm[start:stop].tolist() if stop > start else [int(perm[0])]
+            yield [(self.epoch, i) for i in indices] if self.with_epoch else indices

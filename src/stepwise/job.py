@@ -6,6 +6,7 @@ No torch and no mlflow imports on this path, so that `dry_run=true` answers in a
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -182,6 +183,56 @@ def adapted_optimizer_args(config: Config, plan: Plan) -> dict[str, Any]:
     return args
 
 
+def _data_name(data_cfg: Any) -> str:
+    return str(data_cfg._target_).rsplit(".", 1)[-1]
+
+
+IMAGE_MODELS = ("stepwise.models.CNN", "stepwise.models.torchvision_model")
+
+
+def check_model(model_cfg: Any, data: Any, data_name: str) -> None:
+    """The model must take the data's samples and give its outputs; else a ConfigError naming
+    the model key and the data. Image models are built once on the CPU and given 2 samples."""
+    shape, classes = tuple(data.input_shape), data.num_outputs
+    target = model_cfg._target_
+    for key, value, wanted, what in (("num_classes", getattr(model_cfg, "num_classes", None),
+                                      classes, "classes"),
+                                     ("in_channels", getattr(model_cfg, "in_channels", None),
+                                      shape[0], "input channels")):
+        if value is not None and value != wanted:
+            raise ConfigError(f"model.{key}", value, f"data={data_name} has {wanted} {what}",
+                              f"leave model.{key} null (it follows the data), or use data with "
+                              f"{value} {what}")
+    if target not in IMAGE_MODELS:
+        return
+    key, value = ("model.name", model_cfg.name) if hasattr(model_cfg, "name") else ("model", "cnn")
+    if len(shape) != 3:
+        raise ConfigError(key, value, f"needs images (channels, height, width); data={data_name} "
+                          f"gives vectors of {shape[0]} features",
+                          "use data=fake|imagefolder|mnist|cifar10, or model=mlp")
+    import torch
+    from hydra.utils import instantiate
+
+    if hasattr(model_cfg, "name"):
+        from stepwise.vision import torchvision
+
+        names = torchvision().models.list_models()
+        if value not in names:
+            close = difflib.get_close_matches(str(value), names, n=3) or ["resnet18"]
+            raise ConfigError(key, value, "not a torchvision.models builder",
+                              f"use e.g. {', '.join(close)} (torchvision.models.list_models())")
+    model = instantiate(dataclasses.asdict(model_cfg), input_shape=shape, num_outputs=classes)
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, *shape))
+    except (RuntimeError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0][:160]
+        raise ConfigError(key, value, f"cannot take data={data_name}'s {shape[1]}x{shape[2]} "
+                          f"images with {shape[0]} channels ({reason})",
+                          "resize the images in data.train_transforms and data.val_transforms, "
+                          "or choose another model") from None
+
+
 def prepare(config: Config, run_dir: Path, start_dir: Path, env: DistEnv | None = None,
             sweep: SweepJob | None = None) -> Job:
     """Validate the config, load the data's arrays and compute the plan.
@@ -194,6 +245,7 @@ def prepare(config: Config, run_dir: Path, start_dir: Path, env: DistEnv | None 
     nproc, world_size = resolve_world(config, env)
     accum = resolve_accum(config, world_size)
     data = build_data(dataclasses.asdict(config.data))
+    check_model(config.model, data, _data_name(config.data))
     plan = make_plan(
         train_samples=data.train_samples, per_device_batch_size=config.data.batch_size,
         accum=accum, world_size=world_size, drop_last=config.data.drop_last,

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from stepwise.data import ArrayData, MicroBatchSampler
+from stepwise.data import MicroBatchSampler
 from stepwise.distributed import Replica
 from stepwise.plan import Plan
 
@@ -34,21 +34,26 @@ def _as_is(batch):
     return batch
 
 
-def make_loaders(data: ArrayData, plan: Plan, replica: Replica, *, seed: int, num_workers: int,
-                 dtype: torch.dtype) -> tuple[DataLoader, DataLoader | None]:
-    """The training loader (this process's micro-batches) and its shard of the validation set."""
-    pin = replica.device.type == "cuda"
-    train = DataLoader(
-        TensorPairDataset(data.x_train, data.y_train, dtype),
-        batch_sampler=MicroBatchSampler(plan, replica.rank, seed, replica.blocks_per_process),
-        num_workers=num_workers, collate_fn=_as_is, pin_memory=pin,
-    )
-    if len(data.x_val) == 0:
+def make_loaders(data, plan: Plan, replica: Replica, *, seed: int, dtype: torch.dtype,
+                 num_workers: int = 0, persistent_workers: bool = False,
+                 prefetch_factor: int | None = None) -> tuple[DataLoader, DataLoader | None]:
+    """The training loader (this process's micro-batches) and its shard of the validation set.
+
+    `data` is an ArrayData or ImageData: its `train_set`/`val_set` give datasets whose
+    `__getitems__` returns a whole (x, y) batch.
+    """
+    workers = {"num_workers": num_workers, "pin_memory": replica.device.type == "cuda"}
+    if num_workers > 0:
+        workers.update(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
+    train_set = data.train_set(dtype, seed)
+    sampler = MicroBatchSampler(plan, replica.rank, seed, replica.blocks_per_process,
+                                with_epoch=getattr(train_set, "keys_with_epoch", False))
+    train = DataLoader(train_set, batch_sampler=sampler, collate_fn=_as_is, **workers)
+    if data.val_samples == 0:
         return train, None
     # Contiguous, disjoint shards: every validation sample is counted once over all ranks.
-    shard = np.array_split(np.arange(len(data.x_val)), replica.loader_ranks)[replica.rank]
-    val_set = TensorPairDataset(data.x_val[shard], data.y_val[shard], dtype)
+    shard = np.array_split(np.arange(data.val_samples), replica.loader_ranks)[replica.rank]
     batch = plan.per_device_batch_size * replica.blocks_per_process
-    val = DataLoader(val_set, batch_size=batch, shuffle=False, num_workers=num_workers,
-                     collate_fn=_as_is, pin_memory=pin)
+    batches = [shard[i:i + batch].tolist() for i in range(0, len(shard), batch)]
+    val = DataLoader(data.val_set(dtype), batch_sampler=batches, collate_fn=_as_is, **workers)
     return train, val

@@ -142,16 +142,17 @@ def build_trainer(job: Job, replica: Replica, tracker, stop_request: StopRequest
     dtype = DTYPES[cfg.trainer.precision]
     torch.manual_seed(cfg.seed)
     tree = job.config_dict()
-    model = instantiate(tree["model"], in_features=job.data.num_features,
-                        out_features=job.data.num_outputs).to(dtype)
+    model = instantiate(tree["model"], input_shape=job.data.input_shape,
+                        num_outputs=job.data.num_outputs).to(dtype)
     wrapped = replica.wrap(model)
     optimizer = instantiate(tree["optim"])(wrapped.parameters(),
                                            **adapted_optimizer_args(cfg, plan))
     # Stepped once per optimizer step; the factor is a function of the samples seen before it.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: plan.schedule.factor(plan.samples_after(step)))
-    train_loader, val_loader = make_loaders(job.data, plan, replica, seed=cfg.seed,
-                                            num_workers=cfg.data.num_workers, dtype=dtype)
+    train_loader, val_loader = make_loaders(
+        job.data, plan, replica, seed=cfg.seed, dtype=dtype, num_workers=cfg.data.num_workers,
+        persistent_workers=cfg.data.persistent_workers, prefetch_factor=cfg.data.prefetch_factor)
     return Trainer(
         model=wrapped, optimizer=optimizer, scheduler=scheduler, plan=plan, task=job.data.task,
         train_loader=train_loader, val_loader=val_loader, replica=replica, tracker=tracker,
