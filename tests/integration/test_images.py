@@ -186,3 +186,27 @@ def test_cifar10_resnet18_recipe(tmp_path):
     assert (plan.effective_batch_size, plan.lr) == (256, pytest.approx(0.2))
     assert plan.warmup_steps == 5 * plan.optimizer_steps_per_epoch
     assert config.schedule.name == "cosine" and config.trainer.max_epochs == 200
+
+
+@pytest.mark.cli
+def test_augmented_training_resumes_bitwise_after_sigkill(workdir):
+    """Killed right after its first checkpoint and resumed mid-epoch, a run with random crops and
+    flips (2 loader workers) ends with the weights of an uninterrupted run: the resumed part
+    draws the same augmentation for the same (epoch, sample)."""
+    from tests.integration.test_resume import _assert_identical, _kill_after_first_checkpoint
+
+    args = ("data=fake", "data.train_samples=512", "model=cnn", "data.batch_size=16",
+            "trainer.max_epochs=2", "trainer.checkpoint_every_n_steps=5", "trainer.precision=64",
+            "trainer.progress_bar=false", "logger=none", "data.num_workers=2",
+            "data.train_transforms=[{_target_: torchvision.transforms.v2.RandomCrop, size: 32, "
+            "padding: 4}, {_target_: torchvision.transforms.v2.RandomHorizontalFlip}]")
+    run_cli(*args, "hydra.run.dir=outputs/whole", cwd=workdir, check=True)
+    run_dir = workdir / "outputs" / "killed"
+    killed_at = _kill_after_first_checkpoint(args, workdir, run_dir, delay=0.0)
+    assert 0 < killed_at < 64, killed_at
+    proc = run_cli(*args, f"hydra.run.dir={run_dir}", cwd=workdir, check=True)
+    assert "resumed from" in proc.stdout + proc.stderr
+    whole = load_checkpoint(workdir / "outputs" / "whole" / "checkpoints" / "last.pt")
+    resumed = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert resumed["global_step"] == whole["global_step"] == 64
+    _assert_identical(resumed["model"], whole["model"])
