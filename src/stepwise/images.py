@@ -136,10 +136,11 @@ class AugmentedImages:
 
 
 # -- the data group's targets ---------------------------------------------------------------------
-def _shape_after_val_transforms(kind: str, options: dict[str, Any]) -> tuple[int, int, int]:
+def _shape_after_val_transforms(base, options: dict[str, Any]) -> tuple[int, int, int]:
+    """The shape of `base`'s first sample after the validation transforms; checks mean/std."""
     import torch
 
-    probe = AugmentedImages(_base(kind, options, train=True),
+    probe = AugmentedImages(base,
                             _pipeline(options, "val_transforms", torch.float32, normalize=False),
                             seed=None)
     shape = tuple(probe[0][0].shape)
@@ -159,7 +160,7 @@ def fake(image_shape: list[int] = (3, 32, 32), num_classes: int = 10, train_samp
                           "e.g. data.image_shape=[3,32,32]")
     options = dict(transforms, image_shape=list(image_shape), num_classes=num_classes,
                    train_samples=train_samples, val_samples=val_samples, seed=seed)
-    shape = _shape_after_val_transforms("fake", options)
+    shape = _shape_after_val_transforms(_base("fake", options, train=True), options)
     return ImageData("fake", shape, num_classes, train_samples, val_samples, options)
 
 
@@ -182,7 +183,7 @@ def imagefolder(root: str | None = None, val_root: str | None = None, val_fracti
     train = sets["data.root"]
     options = dict(transforms, root=str(Path(root).resolve()),
                    val_root=str(Path(val_root).resolve()) if val_root else None)
-    shape = _shape_after_val_transforms("imagefolder", options)
+    shape = _shape_after_val_transforms(train, options)
     if val_root:
         if sets["data.val_root"].classes != train.classes:
             raise ConfigError("data.val_root", val_root, f"its classes differ from data.root's "
@@ -203,7 +204,7 @@ def _torchvision_split(kind: str, root: str | None, download: bool, transforms) 
                           f"set data.root=<directory for {kind}> (and data.download=true to fetch)")
     options = dict(transforms, root=str(Path(root).resolve()), download=download)
     train, val = _base(kind, options, train=True), _base(kind, options, train=False)
-    shape = _shape_after_val_transforms(kind, options)
+    shape = _shape_after_val_transforms(train, options)
     return ImageData(kind, shape, len(train.classes), len(train), len(val), options)
 
 
