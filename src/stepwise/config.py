@@ -49,7 +49,7 @@ class DataConfig:
     """Loader settings shared by every dataset; the `_target_` builds the arrays."""
 
     _target_: str = MISSING
-    batch_size: int = 32
+    batch_size: Any = 32  # samples per replica per micro-step, or "auto" (see autobatch.py)
     drop_last: bool = False
     num_workers: int = 0
     persistent_workers: bool = False  # only with num_workers > 0
@@ -73,6 +73,7 @@ class SyntheticConfig(DataConfig):
     num_classes: int = 10
     noise_std: float = 0.1
     seed: int = 0
+    image_shape: list[int] | None = None
 
 
 @dataclass
@@ -206,6 +207,9 @@ class TrainerConfig:
     partial_window: str = "step"
     device: str = "auto"
     precision: str = "32"
+    tf32: bool = True
+    channels_last: bool = False
+    compile: bool = False
     grad_clip_norm: float | None = None
     log_every_n_steps: int = 1
     val_every_n_epochs: int = 1

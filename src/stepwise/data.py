@@ -25,7 +25,7 @@ class ArrayData:
     x_val: np.ndarray
     y_val: np.ndarray
     task: str
-    num_features: int
+    input_shape: tuple[int, ...]  # one sample: (features,), or (channels, height, width)
     num_outputs: int
 
     @property
@@ -35,10 +35,6 @@ class ArrayData:
     @property
     def val_samples(self) -> int:
         return len(self.x_val)
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return (self.num_features,)
 
     def train_set(self, dtype, seed: int):
         from stepwise.loaders import TensorPairDataset
@@ -77,13 +73,18 @@ def digits(val_fraction: float = 0.2, split_seed: int = 0) -> ArrayData:
     y = bunch.target.astype(np.int64)
     val = int(round(val_fraction * len(x)))
     return ArrayData(*_split(x, y, val, split_seed), task="classification",
-                     num_features=x.shape[1], num_outputs=10)
+                     input_shape=(x.shape[1],), num_outputs=10)
 
 
 def synthetic(task: str = "classification", train_samples: int = 1024, val_samples: int = 256,
               num_features: int = 32, num_classes: int = 10, noise_std: float = 0.1,
-              seed: int = 0) -> ArrayData:
-    """Gaussian inputs labelled by a random linear teacher (argmax for classification)."""
+              seed: int = 0, image_shape: list[int] | None = None) -> ArrayData:
+    """Gaussian inputs labelled by a random linear teacher (argmax for classification).
+
+    `image_shape` (channels, height, width) makes each sample an image tensor of that shape
+    (its pixels are the features; `num_features` is then ignored): image models on in-memory
+    data, e.g. for benchmarks, with no decoding or transforms.
+    """
     if task not in TASKS:
         raise ConfigError("data.task", task, "unknown task", f"use one of {', '.join(TASKS)}")
     for key, value in (("data.train_samples", train_samples), ("data.num_features", num_features),
@@ -92,6 +93,11 @@ def synthetic(task: str = "classification", train_samples: int = 1024, val_sampl
             raise ConfigError(key, value, "must be positive", f"set {key} to 1 or more")
     if val_samples < 0:
         raise ConfigError("data.val_samples", val_samples, "must be >= 0", "set it to 0 or more")
+    if image_shape is not None:
+        if len(image_shape) != 3 or min(image_shape) <= 0:
+            raise ConfigError("data.image_shape", list(image_shape), "must be 3 positive sizes",
+                              "use [channels, height, width], e.g. [3,32,32], or null")
+        num_features = int(np.prod(image_shape))
     rng = np.random.default_rng(seed)
     n = train_samples + val_samples
     x = rng.standard_normal((n, num_features)).astype(np.float32)
@@ -102,8 +108,10 @@ def synthetic(task: str = "classification", train_samples: int = 1024, val_sampl
         y = scores.argmax(axis=1).astype(np.int64)
     else:
         y = scores.astype(np.float32)
+    shape = tuple(image_shape) if image_shape is not None else (num_features,)
+    x = x.reshape(n, *shape)
     return ArrayData(x[:train_samples], y[:train_samples], x[train_samples:], y[train_samples:],
-                     task=task, num_features=num_features, num_outputs=outputs)
+                     task=task, input_shape=shape, num_outputs=outputs)
 
 
 def linreg(weights: list[float] = (-2.0, 3.4), bias: float = 4.2, noise_std: float = 0.01,
@@ -118,7 +126,7 @@ def linreg(weights: list[float] = (-2.0, 3.4), bias: float = 4.2, noise_std: flo
     y = (x @ w + bias + noise_std * rng.standard_normal(len(x)))[:, None]
     x, y = x.astype(np.float32), y.astype(np.float32)
     return ArrayData(x[:train_samples], y[:train_samples], x[train_samples:], y[train_samples:],
-                     task="regression", num_features=len(w), num_outputs=1)
+                     task="regression", input_shape=(len(w),), num_outputs=1)
 
 
 # -- the order-preserving sampler ---------------------------------------------------------------

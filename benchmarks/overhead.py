@@ -1,0 +1,207 @@
+"""stepwise's training loop against a hand-written PyTorch loop on identical work, alternating.
+
+    .venv/bin/python benchmarks/overhead.py [--workloads W1,W2,W3,W4] [--repeats 5] [--seconds 2]
+
+W1: MLP 64-512-512-10 on digits, b=32.            W2: the same with accum=8.
+W3: CNN (32, 64) on synthetic 3x32x32, b=64, accum=4.
+W4: DDP, 2 gloo processes, MLP 64-2048-2048-10 on synthetic 64 features, b=16, accum=8.
+
+Both loops train the same model (same seed) with the same optimizer on the same tensors, for
+the same number of optimizer steps. stepwise runs as `python train.py` would, minus start-up:
+`build_trainer` + `Trainer.fit`, with MLflow logging to a sqlite store (default
+`trainer.log_every_n_steps`) and its plan check at the end. The hand-written loop is the lean
+one a PyTorch user writes: a randperm per epoch, slicing, mean loss / accum, `no_sync` in DDP,
+no logging. Each repeat times one of each, in alternating order; prints samples/s (median,
+min-max) and the ratio stepwise / hand-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+from torch.nn import functional as F
+
+from stepwise.dist_env import DistEnv
+from stepwise.distributed import Replica, start_replica, stop_replica
+from stepwise.job import Job, prepare
+from stepwise.runner import build_trainer
+
+COMMON = ["trainer.device=cpu", "trainer.progress_bar=false",
+          "trainer.checkpoint_every_n_steps=0"]
+WORKLOADS = {
+    "W1": ("MLP 64-512-512-10, digits, b=32", ["data.val_fraction=0", "model.hidden_sizes=[512,512]",
+                                              "data.batch_size=32"]),
+    "W2": ("MLP 64-512-512-10, digits, b=32, accum=8",
+           ["data.val_fraction=0", "model.hidden_sizes=[512,512]", "data.batch_size=32", "accum=8"]),
+    "W3": ("CNN (32,64), synthetic 3x32x32, b=64, accum=4",
+           ["data=synthetic", "data.image_shape=[3,32,32]", "data.train_samples=4096",
+            "data.val_samples=0", "model=cnn", "data.batch_size=64", "accum=4"]),
+    "W4": ("DDP gloo W=2, MLP 64-2048-2048-10, synthetic, b=16, accum=8",
+           ["parallel=ddp", "parallel.nproc=2", "data=synthetic", "data.num_features=64",
+            "data.train_samples=16384", "data.val_samples=0", "model.hidden_sizes=[2048,2048]",
+            "data.batch_size=16", "accum=8"]),
+}
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from stepwise.main import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=overrides)
+    return OmegaConf.to_object(cfg)
+
+
+def steps_for(job: Job, seconds: float, replica: Replica) -> int:
+    """Optimizer steps that take about `seconds` in the hand-written loop (timed once)."""
+    run_handwritten(job, replica, 5)  # warm-up
+    per_step = run_handwritten(job, replica, 20) / 20
+    steps = torch.tensor(max(10, int(seconds / per_step)), dtype=torch.float64)
+    return int(replica.sum(steps).item() / replica.loader_ranks)
+
+
+def run_stepwise(job: Job, replica: Replica, tracking_uri: str | None) -> float:
+    """Seconds for stepwise's `fit` over the job's plan (MLflow run opened before, not timed)."""
+    from stepwise.tracking import MlflowTracker, NullTracker
+
+    tracker = NullTracker()
+    if tracking_uri is not None and replica.is_main:
+        tracker = MlflowTracker(tracking_uri, "benchmarks")
+    trainer = build_trainer(job, replica, tracker)
+    barrier(replica)
+    start = time.perf_counter()
+    trainer.fit()
+    tracker.flush()
+    barrier(replica)
+    elapsed = time.perf_counter() - start
+    tracker.finish("FINISHED")
+    return elapsed
+
+
+def run_handwritten(job: Job, replica: Replica, steps: int) -> float:
+    """Seconds for `steps` optimizer steps of the lean loop a PyTorch user writes by hand."""
+    from hydra.utils import instantiate
+
+    cfg, plan = job.config, job.plan
+    torch.manual_seed(cfg.seed)
+    tree = job.config_dict()
+    model = instantiate(tree["model"], input_shape=job.data.input_shape,
+                        num_outputs=job.data.num_outputs)
+    model = replica.wrap(model)
+    optimizer = instantiate(tree["optim"])(model.parameters(), lr=plan.lr)
+    x = torch.as_tensor(job.data.x_train)
+    y = torch.as_tensor(job.data.y_train)
+    b, accum, world, rank = plan.per_device_batch_size, plan.accum, plan.world_size, replica.rank
+    window = b * accum * world
+    generator = torch.Generator().manual_seed(cfg.seed)
+    barrier(replica)
+    start = time.perf_counter()
+    done = 0
+    while done < steps:
+        perm = torch.randperm(len(x), generator=generator)
+        for first in range(0, len(x) - window + 1, window):
+            for j in range(accum):
+                idx = perm[first + (j * world + rank) * b:first + (j * world + rank + 1) * b]
+                sync = j == accum - 1 or replica.mode != "ddp"
+                with contextlib.nullcontext() if sync else model.no_sync():
+                    loss = F.cross_entropy(model(x[idx]), y[idx]) / accum
+                    loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done += 1
+            if done == steps:
+                break
+    barrier(replica)
+    return time.perf_counter() - start
+
+
+def barrier(replica: Replica) -> None:
+    if replica.mode == "ddp":
+        torch.distributed.barrier()
+
+
+def measure(name: str, overrides: list[str], replica: Replica, env: DistEnv, args, out: Path
+            ) -> list[str]:
+    """Alternate the two loops `args.repeats` times; the report lines (on the main rank)."""
+    probe = prepare(compose([*COMMON, *overrides]), out, out, env)
+    steps = steps_for(probe, args.seconds, replica)
+    job = prepare(compose([*COMMON, *overrides, f"trainer.max_steps={steps}"]), out, out, env)
+    samples = job.plan.total_samples
+    uri = None if args.no_mlflow else f"sqlite:///{out / 'mlflow.db'}"
+    rates: dict[str, list[float]] = {"stepwise": [], "hand-written": []}
+    for repeat in range(args.repeats):
+        order = ["stepwise", "hand-written"][:: 1 if repeat % 2 == 0 else -1]
+        for variant in order:
+            if variant == "stepwise":
+                seconds = run_stepwise(job, replica, uri)
+            else:
+                seconds = run_handwritten(job, replica, steps)
+            rates[variant].append(samples / seconds)
+    median = {k: statistics.median(v) for k, v in rates.items()}
+    lines = [f"{name}: {WORKLOADS[name][0]}; {steps} optimizer steps ({samples} samples) "
+             f"per measurement, {args.repeats} repeats"]
+    for variant, values in rates.items():
+        lines.append(f"  {variant:>12}: {median[variant]:9.0f} samples/s "
+                     f"(min {min(values):.0f}, max {max(values):.0f})")
+    ratios = [s / h for s, h in zip(rates["stepwise"], rates["hand-written"])]
+    lines.append(f"  {'ratio':>12}: {median['stepwise'] / median['hand-written']:.3f} "
+                 f"(per repeat: min {min(ratios):.3f}, max {max(ratios):.3f})")
+    return lines
+
+
+def _ddp_worker(rank: int, port: int, args, out: str, queue) -> None:
+    torch.set_num_threads(1)  # 2 processes on 2 cores
+    env = DistEnv("torchrun", rank, rank, 2, 2, 0, "127.0.0.1", port)
+    os.environ.update(env.torch_env())
+    overrides = WORKLOADS["W4"][1]
+    job = prepare(compose([*COMMON, *overrides]), Path(out), Path(out), env)
+    replica = start_replica(job.config.parallel, "cpu", env)
+    lines = measure("W4", overrides, replica, env, args, Path(out))
+    if rank == 0:
+        queue.put(lines)
+    stop_replica(replica)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", default="W1,W2,W3,W4")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=2.0,
+                        help="about how long one measurement of one loop takes")
+    parser.add_argument("--no-mlflow", action="store_true", help="stepwise without MLflow")
+    args = parser.parse_args()
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
+          f"{platform.python_version()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} intra-op threads (W4: 1 per process)")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        for name in args.workloads.split(","):
+            if name == "W4":
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", 0))
+                    port = s.getsockname()[1]
+                queue = mp.get_context("spawn").SimpleQueue()
+                mp.spawn(_ddp_worker, args=(port, args, tmp, queue), nprocs=2)
+                lines = queue.get()
+            else:
+                overrides = WORKLOADS[name][1]
+                replica = Replica("single", 0, 1, torch.device("cpu"))
+                lines = measure(name, overrides, replica, DistEnv(), args, out)
+            print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    main()
