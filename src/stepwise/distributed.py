@@ -74,7 +74,10 @@ class Replica:
 
     @staticmethod
     def unwrap(model: nn.Module) -> nn.Module:
-        return model.module if hasattr(model, "module") else model
+        """The bare model under torch.compile's and DDP's or DataParallel's wrappers."""
+        model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
+        return model.module if isinstance(model, (nn.DataParallel,
+                                                  nn.parallel.DistributedDataParallel)) else model
 
     def no_sync(self, model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
         """Skip DDP's gradient all-reduce on every micro-step but the last of a window."""
@@ -92,6 +95,10 @@ class Replica:
         dist.all_gather_object(gathered, obj)
         return gathered
 
+    def lagged_max(self) -> LaggedMax:
+        """A max over ranks whose answer comes one call late (see LaggedMax)."""
+        return LaggedMax(self.mode == "ddp")
+
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum a tensor over all ranks (identity with one process)."""
         if self.mode == "ddp":
@@ -100,6 +107,42 @@ class Replica:
             tensor = tensor.clone()
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
+
+
+class LaggedMax:
+    """The max of an integer over ranks, read one call late: `exchange(v)` starts an all-reduce
+    of v and returns the result of the previous call's. Every rank reads the same answer at the
+    same call, the tiny all-reduce overlaps a whole optimizer step, and it runs on a gloo group
+    of CPU tensors, so it never waits for the GPU. With one process: v itself, at once.
+    """
+
+    def __init__(self, distributed: bool) -> None:
+        self.distributed = distributed
+        self.group = None
+        self.pending: tuple[torch.Tensor, object] | None = None
+
+    def exchange(self, value: int) -> int:
+        if not self.distributed:
+            return value
+        import torch.distributed as dist
+
+        if self.group is None:  # collective: every rank makes its first call at the same step
+            self.group = (dist.group.WORLD if dist.get_backend() == "gloo"
+                          else dist.new_group(backend="gloo"))
+        result = self.close()
+        buffer = torch.tensor([float(value)])
+        self.pending = buffer, dist.all_reduce(buffer, op=dist.ReduceOp.MAX, group=self.group,
+                                               async_op=True)
+        return result
+
+    def close(self) -> int:
+        """Wait for the exchange in flight, if any; its result."""
+        if self.pending is None:
+            return 0
+        buffer, work = self.pending
+        self.pending = None
+        work.wait()
+        return int(buffer.item())
 
 
 def resolve_device(requested: str, local_rank: int = 0) -> torch.device:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 PARALLEL_MODES = ("single", "dp", "ddp")
 BACKENDS = ("auto", "gloo", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("32", "64")
+PRECISIONS = ("32", "64", "bf16", "16-mixed")  # see stepwise/precision.py
 LOGGER_BACKENDS = ("mlflow", "none")
 NONFINITE_POLICIES = ("stop", "skip")
 ACTIVATIONS = ("relu", "gelu", "tanh")
@@ -42,6 +43,7 @@ class Job:
     nproc: int = 1  # processes per node (ddp); 1 otherwise
     resume_from: Path | None = None  # the checkpoint this run continues, if any
     sweep: SweepJob | None = None  # set for a job of a multirun: its parent run
+    auto_batch_tried: tuple[int, ...] = ()  # data.batch_size=auto: the sizes tried, last fitted
 
     def config_dict(self) -> dict[str, Any]:
         tree = dataclasses.asdict(self.config)
@@ -94,6 +96,26 @@ def validate(config: Config) -> None:
         if not torch.cuda.is_available():
             raise ConfigError("trainer.device", "cuda", "no CUDA device is visible",
                               "use trainer.device=auto or cpu")
+    check_fast_path(trainer)
+
+
+def check_fast_path(trainer: Any) -> None:
+    """`trainer.precision`, `trainer.compile`: what this machine cannot run is found now."""
+    import shutil
+
+    if trainer.precision != "bf16" and not trainer.compile:
+        return  # nothing to ask torch (dry runs stay torch-free)
+    on_cuda = trainer.device != "cpu" and _cuda_devices() > 0
+    if trainer.precision == "bf16" and on_cuda:
+        import torch
+
+        if not torch.cuda.is_bf16_supported():
+            raise ConfigError("trainer.precision", "bf16", f"{torch.cuda.get_device_name()} has "
+                              "no bfloat16", "use trainer.precision=16-mixed or 32")
+    if trainer.compile and not on_cuda and not shutil.which(os.environ.get("CXX", "g++")):
+        raise ConfigError("trainer.compile", True, "torch.compile on CPU needs a C++ compiler "
+                          "and none was found", "install one (apt-get install g++), or set "
+                          "trainer.compile=false")
 
 
 def _cuda_devices() -> int:
@@ -142,20 +164,36 @@ def resolve_world(config: Config, env: DistEnv) -> tuple[int, int]:
     return nproc, world
 
 
-def resolve_accum(config: Config, world_size: int) -> int:
-    """`accum` as given, or derived from `effective_batch_size`; both given must agree."""
-    b = config.data.batch_size
-    if config.effective_batch_size is None:
-        return 1 if config.accum is None else config.accum
-    derived = derive_accum(config.effective_batch_size, b, world_size) if b > 0 else 0
+def resolve_accum(config: Config, world_size: int) -> tuple[int, int]:
+    """(data.batch_size, accum): `accum` as given or derived from `effective_batch_size` (both
+    given must agree). With `data.batch_size=auto`: b = E / W and accum 1, until tried."""
+    b, effective = config.data.batch_size, config.effective_batch_size
+    if b == "auto":
+        if effective is None:
+            raise ConfigError("data.batch_size", "auto", "needs the effective batch to keep",
+                              "set effective_batch_size (e.g. effective_batch_size=256)")
+        if config.accum is not None:
+            raise ConfigError("accum", config.accum, "is chosen by data.batch_size=auto",
+                              "drop accum; effective_batch_size fixes the batch")
+        if effective <= 0 or effective % world_size:
+            raise ConfigError("effective_batch_size", effective, f"must be a positive multiple "
+                              f"of world_size={world_size} for data.batch_size=auto",
+                              f"use e.g. effective_batch_size={world_size * 32}")
+        return effective // world_size, 1
+    if isinstance(b, bool) or not isinstance(b, int):
+        raise ConfigError("data.batch_size", b, "must be a positive integer or auto",
+                          "set e.g. data.batch_size=32")
+    if effective is None:
+        return b, 1 if config.accum is None else config.accum
+    derived = derive_accum(effective, b, world_size) if b > 0 else 0
     if config.accum is not None and config.accum != derived:
         raise ConfigError(
             "accum", config.accum,
-            f"disagrees with effective_batch_size={config.effective_batch_size} "
+            f"disagrees with effective_batch_size={effective} "
             f"(data.batch_size x world_size = {b} x {world_size} needs accum={derived})",
             "drop one of the two, or make them agree",
         )
-    return derived
+    return b, derived
 
 
 def check_adapt_betas(config: Config, plan: Plan) -> None:
@@ -209,7 +247,8 @@ def check_model(model_cfg: Any, data: Any, data_name: str) -> None:
     if len(shape) != 3:
         raise ConfigError(key, value, f"needs images (channels, height, width); data={data_name} "
                           f"gives vectors of {shape[0]} features",
-                          "use data=fake|imagefolder|mnist|cifar10, or model=mlp")
+                          "use data=fake|imagefolder|mnist|cifar10, data.image_shape=[3,32,32] with "
+                          "data=synthetic, or model=mlp")
     import torch
     from hydra.utils import instantiate
 
@@ -243,11 +282,25 @@ def prepare(config: Config, run_dir: Path, start_dir: Path, env: DistEnv | None 
     env = env or DistEnv()
     validate(config)
     nproc, world_size = resolve_world(config, env)
-    accum = resolve_accum(config, world_size)
+    batch_size, accum = resolve_accum(config, world_size)
     data = build_data(dataclasses.asdict(config.data))
     check_model(config.model, data, _data_name(config.data))
-    plan = make_plan(
-        train_samples=data.train_samples, per_device_batch_size=config.data.batch_size,
+    if config.trainer.channels_last and len(data.input_shape) != 3:
+        raise ConfigError("trainer.channels_last", True, f"data={_data_name(config.data)} gives "
+                          "vectors, not images", "set trainer.channels_last=false")
+    plan = plan_for(config, data, world_size, batch_size, accum)
+    check_adapt_betas(config, plan)
+    from stepwise.resume import find_checkpoint
+
+    return Job(config=config, data=data, plan=plan, run_dir=run_dir, start_dir=start_dir,
+               env=env, nproc=nproc, resume_from=find_checkpoint(config.trainer.resume, run_dir),
+               sweep=sweep)
+
+
+def plan_for(config: Config, data: Any, world_size: int, batch_size: int, accum: int) -> Plan:
+    """The plan of this config for a factoring (b, accum) of its effective batch."""
+    return make_plan(
+        train_samples=data.train_samples, per_device_batch_size=batch_size,
         accum=accum, world_size=world_size, drop_last=config.data.drop_last,
         partial_window=config.trainer.partial_window, max_steps=config.trainer.max_steps,
         max_epochs=config.trainer.max_epochs, max_samples=config.trainer.max_samples,
@@ -255,12 +308,6 @@ def prepare(config: Config, run_dir: Path, start_dir: Path, env: DistEnv | None 
         base_batch_size=config.lr_scaling.base_batch_size,
         schedule=dataclasses.asdict(config.schedule),
     )
-    check_adapt_betas(config, plan)
-    from stepwise.resume import find_checkpoint
-
-    return Job(config=config, data=data, plan=plan, run_dir=run_dir, start_dir=start_dir,
-               env=env, nproc=nproc, resume_from=find_checkpoint(config.trainer.resume, run_dir),
-               sweep=sweep)
 
 
 def run_params(job: Job) -> dict[str, Any]:
@@ -281,6 +328,8 @@ def run_params(job: Job) -> dict[str, Any]:
         budget=plan.budget, lr_scale_factor=plan.lr_scale_factor, lr=plan.lr,
         warmup_steps=plan.warmup_steps, final_lr=plan.final_lr,
     )
+    if job.auto_batch_tried:
+        params.update(auto_batch_sizes_tried=list(job.auto_batch_tried))
     adapted = adapted_optimizer_args(job.config, plan)
     if "betas" in adapted:
         params.update(betas_used=list(adapted["betas"]), eps_used=adapted["eps"])

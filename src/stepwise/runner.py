@@ -17,15 +17,15 @@ import torch
 from hydra.utils import instantiate
 
 from stepwise.checkpoint import load_checkpoint, publish
-from stepwise.distributed import Replica, start_replica, stop_replica
+from stepwise.distributed import Replica, resolve_device, start_replica, stop_replica
 from stepwise.job import Job, adapted_optimizer_args, run_params
 from stepwise.loaders import make_loaders
+from stepwise.precision import Precision, compile_model, param_dtype, set_tf32, to_memory_format
 from stepwise.tracking import MlflowTracker, NullTracker, default_tracking_uri
 from stepwise.trainer import Stopped, StopRequest, Trainer
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"32": torch.float32, "64": torch.float64}
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)  # SIGUSR2: submitit's "time is nearly up"
 
 
@@ -113,13 +113,19 @@ def owning_run(job: Job, body: Callable[[Any], Any], resumed: dict[str, Any] | N
 
 def execute(job: Job, log_file: str | None = None) -> dict[str, float]:
     """Run the job: spawn DDP workers if nobody launched us, else train as this process's rank."""
-    resumed = resume_state(job)
+    from stepwise.autobatch import fit_batch_size
+
     if job.config.parallel.mode == "ddp" and not job.env.launched:
         from stepwise.launch import spawn
 
+        # Tried once, here, on the device of local rank 0; the workers get the job as decided.
+        job = fit_batch_size(job, resolve_device(job.config.trainer.device))
+        resumed = resume_state(job)
         return owning_run(job, lambda tracker: spawn(job, tracker, log_file), resumed)
     replica = start_replica(job.config.parallel, job.config.trainer.device, job.env)
     try:
+        job = fit_batch_size(job, replica.device, replica)
+        resumed = resume_state(job)
         if replica.is_main:
             result = owning_run(job, lambda tracker: train(job, replica, tracker, resumed),
                                 resumed)
@@ -138,13 +144,15 @@ def execute(job: Job, log_file: str | None = None) -> dict[str, float]:
 def build_trainer(job: Job, replica: Replica, tracker, stop_request: StopRequest | None = None
                   ) -> Trainer:
     """Build the model, optimizer, scheduler and loaders from the config, seeded by `seed`."""
-    cfg, plan = job.config, job.plan
-    dtype = DTYPES[cfg.trainer.precision]
+    cfg, plan, trainer_cfg = job.config, job.plan, job.config.trainer
+    dtype = param_dtype(trainer_cfg.precision)
+    set_tf32(trainer_cfg.tf32, replica.device)
     torch.manual_seed(cfg.seed)
     tree = job.config_dict()
     model = instantiate(tree["model"], input_shape=job.data.input_shape,
                         num_outputs=job.data.num_outputs).to(dtype)
-    wrapped = replica.wrap(model)
+    model = to_memory_format(model, trainer_cfg.channels_last)
+    wrapped = compile_model(replica.wrap(model), trainer_cfg.compile)
     optimizer = instantiate(tree["optim"])(wrapped.parameters(),
                                            **adapted_optimizer_args(cfg, plan))
     # Stepped once per optimizer step; the factor is a function of the samples seen before it.
@@ -161,6 +169,8 @@ def build_trainer(job: Job, replica: Replica, tracker, stop_request: StopRequest
         val_every_n_epochs=cfg.trainer.val_every_n_epochs, on_nonfinite=cfg.trainer.on_nonfinite,
         checkpoint_every_n_steps=cfg.trainer.checkpoint_every_n_steps,
         save=checkpoint_saver(job, tracker), stop_request=stop_request,
+        precision=Precision(trainer_cfg.precision, replica.device),
+        channels_last=trainer_cfg.channels_last,
     )
 
 

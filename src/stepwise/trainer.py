@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -14,6 +15,7 @@ from torch.nn import functional as F
 
 from stepwise.distributed import Replica
 from stepwise.plan import Plan, Window
+from stepwise.precision import Precision, inputs_memory_format
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,11 @@ class Trainer:
         replica: parallel mode, rank and reductions.
         tracker: MLflow on the main rank, a null tracker elsewhere.
         progress: a tqdm-like bar on the main rank, a null one elsewhere.
+        precision: autocast and the fp16 GradScaler (`trainer.precision`).
+
+    Per micro-step the loop only runs forward and backward (and adds the loss to a device
+    tensor); the host waits for the device only at logging points, checkpoints and the end,
+    except under `on_nonfinite=skip`, which must look at every step's loss before stepping.
     """
 
     def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -97,7 +104,8 @@ class Trainer:
                  val_every_n_epochs: int = 1, on_nonfinite: str = "stop",
                  checkpoint_every_n_steps: int = 0,
                  save: Callable[[Trainer], None] | None = None,
-                 stop_request: StopRequest | None = None) -> None:
+                 stop_request: StopRequest | None = None, precision: Precision | None = None,
+                 channels_last: bool = False) -> None:
         self.model, self.optimizer, self.scheduler, self.plan = model, optimizer, scheduler, plan
         self.task, self.loss_fn = task, per_sample_loss(task)
         self.train_loader, self.val_loader = train_loader, val_loader
@@ -107,6 +115,10 @@ class Trainer:
         self.on_nonfinite, self.checkpoint_every_n_steps = on_nonfinite, checkpoint_every_n_steps
         self.save = save or (lambda trainer: None)
         self.stop_request = stop_request or StopRequest()
+        self.precision = precision or Precision("32", replica.device)
+        self.channels_last = channels_last
+        self.stop_vote = replica.lagged_max()  # a signal on any rank stops all, one step later
+        self.unchecked: list[tuple[int, torch.Tensor]] = []  # (step, loss sum) not yet checked
         self.counters = Counters()
         self.real_samples = 0  # this process's real samples, summed over ranks at the end
         self.last_lr = float("nan")  # the LR of the last optimizer step taken
@@ -116,18 +128,25 @@ class Trainer:
         """Train until the plan's total of optimizer steps; return the last validation metrics
         and the executed `global_step`. Raises Stopped after a stop signal (checkpoint saved)."""
         metrics: dict[str, float] = {}
-        for epoch in range(self.counters.epoch, self.plan.epochs):
-            self.counters.epoch = epoch
-            for window, batches in self.windows(epoch):
-                stop = self.train_step(batches, window)
-                self.counters.step_in_epoch += 1
-                self._after_step(stop)
-            last = epoch == self.plan.epochs - 1
-            if self.val_loader is not None and (last or (epoch + 1) % self.val_every_n_epochs == 0):
-                metrics = self.evaluate()
-                self.tracker.log_metrics(metrics, step=self.counters.global_step)
-            if self.counters.step_in_epoch == self.plan.optimizer_steps_per_epoch:
-                self.counters.epoch, self.counters.step_in_epoch = epoch + 1, 0
+        try:
+            for epoch in range(self.counters.epoch, self.plan.epochs):
+                self.counters.epoch = epoch
+                for window, batches in self.windows(epoch):
+                    stop = self.train_step(batches, window)
+                    self.counters.step_in_epoch += 1
+                    self._after_step(stop)
+                last = epoch == self.plan.epochs - 1
+                if self.val_loader is not None and (last or
+                                                    (epoch + 1) % self.val_every_n_epochs == 0):
+                    metrics = self.evaluate()
+                    self.tracker.log_metrics(metrics, step=self.counters.global_step)
+                if self.counters.step_in_epoch == self.plan.optimizer_steps_per_epoch:
+                    self.counters.epoch, self.counters.step_in_epoch = epoch + 1, 0
+        except Stopped:
+            self.stop_vote.close()  # every rank has the same exchange in flight: finish it
+            raise
+        self.stop_vote.close()
+        self.check_losses()
         self.check_against_plan()
         final = {"global_step": self.counters.global_step}
         self.tracker.log_metrics(final, step=self.counters.global_step)
@@ -152,62 +171,76 @@ class Trainer:
         Returns the number of a stop signal that some rank received (0: none).
         """
         loss_sum = self._accumulate(batches, window)
-        nonfinite, stop = self._exchange_flags(loss_sum)
-        if nonfinite:
-            self._nonfinite()
+        step = self.counters.global_step + 1
+        if self.on_nonfinite == "skip" and self._any_rank_nonfinite(loss_sum):
+            self._skip(step, "non-finite loss")
         else:
+            self.unchecked.append((step, loss_sum))
+            self.precision.unscale_(self.optimizer)
             if self.grad_clip_norm is not None:
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
-            self.optimizer.step()
+            if not self.precision.step(self.optimizer):
+                self._skip(step, "float16 gradients overflowed (the GradScaler lowered its scale)")
         lr = self.last_lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
+        if self.counters.skipped_steps:
+            with warnings.catch_warnings():
+                # A skipped step still advances the schedule (a function of the samples seen).
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
+                self.scheduler.step()
+        else:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.counters.global_step += 1
+        self.counters.global_step = step
         self.counters.micro_steps += len(batches)
         self.counters.samples_seen += window.samples
         self._log_step(loss_sum, window, lr)
-        return stop
+        return self.stop_vote.exchange(self.stop_request.signum)
 
     def _accumulate(self, batches: list[Batch], window: Window) -> torch.Tensor:
         """Forward/backward every micro-step; DDP all-reduces on the last one only."""
         scale = self.replica.loss_multiplier / window.samples
-        loss_sum = torch.zeros((), device=self.replica.device, dtype=torch.float64)
+        sums = []
         for i, (x, y, real) in enumerate(batches):
             with self.replica.no_sync(self.model, sync=i == len(batches) - 1):
-                batch_sum = self.loss_fn(self.model(x), y)[:real].sum()
-                (batch_sum * scale).backward()
-            loss_sum += batch_sum.detach()
+                with self.precision.autocast():
+                    batch_sum = self.loss_fn(self.model(x), y)[:real].sum()
+                self.precision.backward(batch_sum * scale)
+            sums.append(batch_sum.detach())
             self.real_samples += real
-        return loss_sum
+        return sums[0].double() if len(sums) == 1 else torch.stack(sums).double().sum()
 
-    def _exchange_flags(self, loss_sum: torch.Tensor) -> tuple[bool, int]:
-        """(any rank's loss non-finite, the stop signal any rank got): one small all-reduce in
-        DDP, so that every rank takes the same decision at the same step."""
-        flags = torch.stack([(~torch.isfinite(loss_sum)).double(),
-                             torch.tensor(float(self.stop_request.signum), dtype=torch.float64,
-                                          device=loss_sum.device)])
-        if self.replica.mode == "ddp":
-            import torch.distributed as dist
+    def _any_rank_nonfinite(self, loss_sum: torch.Tensor) -> bool:
+        """Whether some rank's loss is NaN or infinite (a host sync, and in DDP a small
+        all-reduce: every rank takes the same decision at the same step)."""
+        return bool(self.replica.sum((~torch.isfinite(loss_sum)).double()).item())
 
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        nonfinite, stop = flags.tolist()
-        return nonfinite > 0, int(stop)
-
-    def _nonfinite(self) -> None:
-        step = self.counters.global_step + 1
-        if self.on_nonfinite == "stop":
-            raise NonFiniteLoss(f"non-finite loss at optimizer step {step} (samples "
-                                f"{self.counters.samples_seen}..); trainer.on_nonfinite=skip "
-                                "would drop such steps instead")
+    def _skip(self, step: int, why: str) -> None:
         self.counters.skipped_steps += 1
-        log.warning("non-finite loss at optimizer step %d: step skipped (%d so far)", step,
+        log.warning("%s at optimizer step %d: step skipped (%d so far)", why, step,
                     self.counters.skipped_steps)
+
+    def check_losses(self) -> float:
+        """Check the losses of the steps since the last check (one sync, and one all-reduce in
+        DDP, at the same step on every rank); raise NonFiniteLoss naming the first bad step under
+        `on_nonfinite=stop`. Returns the last window's loss summed over ranks (nan: none)."""
+        if not self.unchecked:
+            return float("nan")
+        steps, losses = zip(*self.unchecked)
+        self.unchecked = []
+        sums = self.replica.sum(torch.stack(losses)).tolist()
+        bad = [step for step, value in zip(steps, sums) if not math.isfinite(value)]
+        if bad and self.on_nonfinite == "stop":
+            raise NonFiniteLoss(f"non-finite loss at optimizer step {bad[0]} (samples "
+                                f"{self.plan.samples_after(bad[0] - 1)}..); "
+                                "trainer.on_nonfinite=skip would drop such steps instead")
+        return sums[-1]
 
     def _after_step(self, stop: int) -> None:
         """Checkpoint when due or when asked to stop; then honour the stop."""
         every = self.checkpoint_every_n_steps
         if stop or (every and self.counters.global_step % every == 0
                     and self.counters.global_step < self.plan.total_optimizer_steps):
+            self.check_losses()  # never checkpoint weights that a non-finite step has spoilt
             self.save(self)
         if stop:
             raise Stopped(stop, self.stop_request)
@@ -217,7 +250,11 @@ class Trainer:
         self.progress.update(1)
         if step % self.log_every_n_steps and step != self.plan.total_optimizer_steps:
             return
-        loss = self.replica.sum(loss_sum).item() / window.samples  # the only host sync
+        if self.unchecked and self.unchecked[-1][0] == step:
+            loss = self.check_losses() / window.samples
+        else:  # this step was skipped: its loss was summed over ranks to decide that
+            self.check_losses()
+            loss = self.replica.sum(loss_sum).item() / window.samples
         self.progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
         metrics = {"train/loss": loss, "train/lr": lr, "train/samples_seen": self.counters.samples_seen}
         if self.counters.skipped_steps:
@@ -232,8 +269,8 @@ class Trainer:
         if len(y) != max(real, 1):
             raise PlanMismatch(f"micro-step {micro_step}: the loader gave {len(y)} samples, "
                                f"the plan {real}")
-        device = self.replica.device
-        return x.to(device, non_blocking=True), y.to(device, non_blocking=True), real
+        x = inputs_memory_format(x.to(self.replica.device, non_blocking=True), self.channels_last)
+        return x, y.to(self.replica.device, non_blocking=True), real
 
     # -- validation and the final check ------------------------------------------------------------
     @torch.no_grad()
@@ -243,9 +280,11 @@ class Trainer:
         device = self.replica.device
         totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, count
         for x, y in self.val_loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            out = self.model(x)
-            totals[0] += self.loss_fn(out, y).sum()
+            x = inputs_memory_format(x.to(device, non_blocking=True), self.channels_last)
+            y = y.to(device, non_blocking=True)
+            with self.precision.autocast():
+                out = self.model(x)
+                totals[0] += self.loss_fn(out, y).sum()
             if self.task == "classification":
                 totals[1] += (out.argmax(dim=1) == y).sum()
             totals[2] += len(y)
@@ -292,6 +331,7 @@ class Trainer:
             "rng": self.replica.all_gather_object(rng),  # one entry per rank
             "world_size": self.replica.world_size,
             "last_lr": self.last_lr,
+            "precision": self.precision.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -299,6 +339,7 @@ class Trainer:
         Replica.unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.precision.load_state_dict(state.get("precision", {}))
         counters = dict(state["counters"])
         real = counters.pop("real_samples")
         self.counters = Counters(**counters)
