@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -31,12 +32,13 @@ def prepare_job(tmp_path: Path, *overrides: str) -> Job:
 
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300,
-            check: bool = False) -> subprocess.CompletedProcess:
-    """`python train.py <args>` from `cwd`, with the tracking store defaulting to `cwd`."""
+            check: bool = False, python_args: Sequence[str] = ()) -> subprocess.CompletedProcess:
+    """`python [python_args] train.py <args>` from `cwd`, with the tracking store defaulting to
+    `cwd`."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
     full_env.update(env or {})
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, *python_args, str(ROOT / "train.py"), *args], cwd=cwd,
+                          env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -5,6 +5,7 @@ order-preserving sampler that turns the plan into per-rank micro-batches.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -61,16 +62,32 @@ def _split(x: np.ndarray, y: np.ndarray, val: int, seed: int) -> tuple[np.ndarra
     return x[train_idx], y[train_idx], x[val_idx], y[val_idx]
 
 
+def _digits_table() -> tuple[np.ndarray, np.ndarray]:
+    """`load_digits()`'s (data, target): read from the CSV that scikit-learn ships, without
+    importing sklearn (it imports scipy and pandas: longer than `import torch`, and most of a
+    dry run). scikit-learn's own loader is the fallback, should the file ever move."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
+    if spec is not None and spec.origin:
+        path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():  # parsed as load_digits parses it
+            table = np.loadtxt(path, delimiter=",")
+            return table[:, :-1], table[:, -1].astype(int)
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return bunch.data, bunch.target
+
+
 def digits(val_fraction: float = 0.2, split_seed: int = 0) -> ArrayData:
     """scikit-learn's 1797 handwritten digits (8x8, 10 classes), pixels scaled to [0, 1]."""
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError("data.val_fraction", val_fraction, "must be in [0, 1)",
                           "use e.g. data.val_fraction=0.2")
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    x = (bunch.data / 16.0).astype(np.float32)
-    y = bunch.target.astype(np.int64)
+    pixels, labels = _digits_table()
+    x = (pixels / 16.0).astype(np.float32)
+    y = labels.astype(np.int64)
     val = int(round(val_fraction * len(x)))
     return ArrayData(*_split(x, y, val, split_seed), task="classification",
                      input_shape=(x.shape[1],), num_outputs=10)

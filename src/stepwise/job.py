@@ -1,6 +1,7 @@
 """From a composed config to a validated job: every user mistake is found here, before any work.
 
-No torch and no mlflow imports on this path, so that `dry_run=true` answers in about a second.
+No torch, mlflow or scikit-learn import on this path for vector data, so that `dry_run=true`
+takes a fraction of `import torch` (tests/integration/test_startup.py holds it to that).
 """
 
 from __future__ import annotations
