@@ -1,17 +1,20 @@
 """stepwise's training loop against a hand-written PyTorch loop on identical work, alternating.
 
     .venv/bin/python benchmarks/overhead.py [--workloads W1,W2,W3,W4] [--repeats 5] [--seconds 2]
+    python benchmarks/overhead.py --device cuda --workloads W3,R18 --precision bf16 --channels-last
 
 W1: MLP 64-512-512-10 on digits, b=32.            W2: the same with accum=8.
 W3: CNN (32, 64) on synthetic 3x32x32, b=64, accum=4.
 W4: DDP, 2 gloo processes, MLP 64-2048-2048-10 on synthetic 64 features, b=16, accum=8.
+R18: torchvision's ResNet-18 on synthetic 3x32x32, b=256 (for GPUs).
 
 Both loops train the same model (same seed) with the same optimizer on the same tensors, for
 the same number of optimizer steps. stepwise runs as `python train.py` would, minus start-up:
 `build_trainer` + `Trainer.fit`, with MLflow logging to a sqlite store (default
 `trainer.log_every_n_steps`) and its plan check at the end. The hand-written loop is the lean
 one a PyTorch user writes: a randperm per epoch, slicing, mean loss / accum, `no_sync` in DDP,
-no logging. Each repeat times one of each, in alternating order; prints samples/s (median,
+no logging; it applies the same --precision (autocast), --channels-last and --compile. Each
+repeat times one of each, in alternating order; prints samples/s (median,
 min-max) and the ratio stepwise / hand-written.
 """
 
@@ -34,10 +37,12 @@ from torch.nn import functional as F
 from stepwise.dist_env import DistEnv
 from stepwise.distributed import Replica, start_replica, stop_replica
 from stepwise.job import Job, prepare
+from stepwise.precision import AUTOCAST
 from stepwise.runner import build_trainer
 
-COMMON = ["trainer.device=cpu", "trainer.progress_bar=false",
-          "trainer.checkpoint_every_n_steps=0"]
+# Full windows only (the hand-written loop drops an epoch's remainder too); no epoch budget.
+COMMON = ["trainer.progress_bar=false", "trainer.checkpoint_every_n_steps=0", "data.drop_last=true",
+          "trainer.max_epochs=-1"]
 WORKLOADS = {
     "W1": ("MLP 64-512-512-10, digits, b=32", ["data.val_fraction=0", "model.hidden_sizes=[512,512]",
                                               "data.batch_size=32"]),
@@ -50,6 +55,10 @@ WORKLOADS = {
            ["parallel=ddp", "parallel.nproc=2", "data=synthetic", "data.num_features=64",
             "data.train_samples=16384", "data.val_samples=0", "model.hidden_sizes=[2048,2048]",
             "data.batch_size=16", "accum=8"]),
+    "R18": ("ResNet-18, synthetic 3x32x32, b=256",
+            ["data=synthetic", "data.image_shape=[3,32,32]", "data.train_samples=16384",
+             "data.val_samples=0", "model=torchvision", "model.name=resnet18",
+             "data.batch_size=256"]),
 }
 
 
@@ -68,60 +77,88 @@ def compose(overrides: list[str]):
 def steps_for(job: Job, seconds: float, replica: Replica) -> int:
     """Optimizer steps that take about `seconds` in the hand-written loop (timed once)."""
     run_handwritten(job, replica, 5)  # warm-up
-    per_step = run_handwritten(job, replica, 20) / 20
+    per_step = run_handwritten(job, replica, 21) / 20
     steps = torch.tensor(max(10, int(seconds / per_step)), dtype=torch.float64)
     return int(replica.sum(steps).item() / replica.loader_ranks)
 
 
 def run_stepwise(job: Job, replica: Replica, tracking_uri: str | None) -> float:
-    """Seconds for stepwise's `fit` over the job's plan (MLflow run opened before, not timed)."""
+    """Seconds for stepwise's `fit` after its first optimizer step (the MLflow run is opened
+    before; the first step, with any compilation, is not timed)."""
     from stepwise.tracking import MlflowTracker, NullTracker
 
     tracker = NullTracker()
     if tracking_uri is not None and replica.is_main:
         tracker = MlflowTracker(tracking_uri, "benchmarks")
     trainer = build_trainer(job, replica, tracker)
-    barrier(replica)
-    start = time.perf_counter()
+    started: list[float] = []
+
+    def first_step_done(optimizer, args, kwargs) -> None:
+        if not started:
+            barrier(replica)
+            started.append(time.perf_counter())
+
+    trainer.optimizer.register_step_post_hook(first_step_done)
     trainer.fit()
     tracker.flush()
     barrier(replica)
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - started[0]
     tracker.finish("FINISHED")
     return elapsed
 
 
 def run_handwritten(job: Job, replica: Replica, steps: int) -> float:
-    """Seconds for `steps` optimizer steps of the lean loop a PyTorch user writes by hand."""
+    """Seconds for `steps` optimizer steps of the lean loop a PyTorch user writes by hand, from
+    the end of its first step."""
     from hydra.utils import instantiate
 
     cfg, plan = job.config, job.plan
+    fast = cfg.trainer
     torch.manual_seed(cfg.seed)
     tree = job.config_dict()
     model = instantiate(tree["model"], input_shape=job.data.input_shape,
-                        num_outputs=job.data.num_outputs)
+                        num_outputs=job.data.num_outputs).to(replica.device)
+    if fast.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     model = replica.wrap(model)
+    model = torch.compile(model) if fast.compile else model
     optimizer = instantiate(tree["optim"])(model.parameters(), lr=plan.lr)
+    scaler = torch.amp.GradScaler(replica.device.type) if fast.precision == "16-mixed" else None
+    autocast = torch.autocast(replica.device.type, dtype=AUTOCAST.get(fast.precision),
+                              enabled=fast.precision in AUTOCAST)
     x = torch.as_tensor(job.data.x_train)
     y = torch.as_tensor(job.data.y_train)
+    cuda = replica.device.type == "cuda"
     b, accum, world, rank = plan.per_device_batch_size, plan.accum, plan.world_size, replica.rank
     window = b * accum * world
     generator = torch.Generator().manual_seed(cfg.seed)
-    barrier(replica)
-    start = time.perf_counter()
-    done = 0
+    start, done = 0.0, 0
     while done < steps:
         perm = torch.randperm(len(x), generator=generator)
         for first in range(0, len(x) - window + 1, window):
             for j in range(accum):
                 idx = perm[first + (j * world + rank) * b:first + (j * world + rank + 1) * b]
+                xb, yb = x[idx], y[idx]
+                if cuda:
+                    xb = xb.pin_memory().to(replica.device, non_blocking=True)
+                    yb = yb.pin_memory().to(replica.device, non_blocking=True)
+                if fast.channels_last:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
                 sync = j == accum - 1 or replica.mode != "ddp"
                 with contextlib.nullcontext() if sync else model.no_sync():
-                    loss = F.cross_entropy(model(x[idx]), y[idx]) / accum
-                    loss.backward()
-            optimizer.step()
+                    with autocast:
+                        loss = F.cross_entropy(model(xb), yb) / accum
+                    (scaler.scale(loss) if scaler else loss).backward()
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done += 1
+            if done == 1:  # timed from the end of the first step, as stepwise is
+                barrier(replica)
+                start = time.perf_counter()
             if done == steps:
                 break
     barrier(replica)
@@ -129,6 +166,8 @@ def run_handwritten(job: Job, replica: Replica, steps: int) -> float:
 
 
 def barrier(replica: Replica) -> None:
+    if replica.device.type == "cuda":
+        torch.cuda.synchronize(replica.device)
     if replica.mode == "ddp":
         torch.distributed.barrier()
 
@@ -136,10 +175,12 @@ def barrier(replica: Replica) -> None:
 def measure(name: str, overrides: list[str], replica: Replica, env: DistEnv, args, out: Path
             ) -> list[str]:
     """Alternate the two loops `args.repeats` times; the report lines (on the main rank)."""
-    probe = prepare(compose([*COMMON, *overrides]), out, out, env)
+    overrides = [*COMMON, *settings(args), *overrides]
+    probe = prepare(compose([*overrides, "trainer.max_steps=1"]), out, out, env)
     steps = steps_for(probe, args.seconds, replica)
-    job = prepare(compose([*COMMON, *overrides, f"trainer.max_steps={steps}"]), out, out, env)
-    samples = job.plan.total_samples
+    job = prepare(compose([*overrides, f"trainer.max_steps={steps}"]), out, out, env)
+    assert job.plan.total_samples == steps * job.plan.effective_batch_size  # full windows only
+    samples = (steps - 1) * job.plan.effective_batch_size  # after the first step
     uri = None if args.no_mlflow else f"sqlite:///{out / 'mlflow.db'}"
     rates: dict[str, list[float]] = {"stepwise": [], "hand-written": []}
     for repeat in range(args.repeats):
@@ -151,8 +192,8 @@ def measure(name: str, overrides: list[str], replica: Replica, env: DistEnv, arg
                 seconds = run_handwritten(job, replica, steps)
             rates[variant].append(samples / seconds)
     median = {k: statistics.median(v) for k, v in rates.items()}
-    lines = [f"{name}: {WORKLOADS[name][0]}; {steps} optimizer steps ({samples} samples) "
-             f"per measurement, {args.repeats} repeats"]
+    lines = [f"{name}: {WORKLOADS[name][0]}; {steps - 1} optimizer steps ({samples} samples) "
+             f"timed after the first, {args.repeats} repeats"]
     for variant, values in rates.items():
         lines.append(f"  {variant:>12}: {median[variant]:9.0f} samples/s "
                      f"(min {min(values):.0f}, max {max(values):.0f})")
@@ -162,13 +203,20 @@ def measure(name: str, overrides: list[str], replica: Replica, env: DistEnv, arg
     return lines
 
 
+def settings(args) -> list[str]:
+    """The fast-path keys both loops apply."""
+    return [f"trainer.device={args.device}", f"trainer.precision={args.precision}",
+            f"trainer.channels_last={str(args.channels_last).lower()}",
+            f"trainer.compile={str(args.compile).lower()}"]
+
+
 def _ddp_worker(rank: int, port: int, args, out: str, queue) -> None:
     torch.set_num_threads(1)  # 2 processes on 2 cores
     env = DistEnv("torchrun", rank, rank, 2, 2, 0, "127.0.0.1", port)
     os.environ.update(env.torch_env())
     overrides = WORKLOADS["W4"][1]
-    job = prepare(compose([*COMMON, *overrides]), Path(out), Path(out), env)
-    replica = start_replica(job.config.parallel, "cpu", env)
+    job = prepare(compose([*COMMON, *settings(args), *overrides]), Path(out), Path(out), env)
+    replica = start_replica(job.config.parallel, args.device, env)
     lines = measure("W4", overrides, replica, env, args, Path(out))
     if rank == 0:
         queue.put(lines)
@@ -182,10 +230,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0,
                         help="about how long one measurement of one loop takes")
     parser.add_argument("--no-mlflow", action="store_true", help="stepwise without MLflow")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--precision", default="32", choices=("32", "bf16", "16-mixed"))
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
-          f"{platform.python_version()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} intra-op threads (W4: 1 per process)")
+    device = (torch.cuda.get_device_name() if args.device == "cuda"
+              else f"{torch.get_num_threads()} intra-op threads (W4: 1 per process)")
+    print(f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+          f"torch {torch.__version__}, {device}; precision {args.precision}, channels_last "
+          f"{args.channels_last}, compile {args.compile}")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         for name in args.workloads.split(","):
@@ -198,7 +252,7 @@ def main() -> None:
                 lines = queue.get()
             else:
                 overrides = WORKLOADS[name][1]
-                replica = Replica("single", 0, 1, torch.device("cpu"))
+                replica = Replica("single", 0, 1, torch.device(args.device))
                 lines = measure(name, overrides, replica, DistEnv(), args, out)
             print("\n".join(lines), flush=True)
 

@@ -162,12 +162,14 @@ class MicroBatchSampler:
     """
 
     def __init__(self, plan: Any, rank: int, seed: int, blocks: int = 1,
-                 with_epoch: bool = False) -> None:
+                 with_epoch: bool = False, arrays: bool = False) -> None:
         self.plan, self.rank, self.seed, self.epoch, self.start = plan, rank, seed, 0, 0
         # DataParallel loads the whole b x W slice in one process: one "rank" spanning W blocks.
         self.blocks = blocks
         # Yield (epoch, index) pairs: datasets that seed augmentation per epoch and sample.
         self.with_epoch = with_epoch
+        # Yield int64 arrays (views of the permutation) instead of lists: in-memory tensors.
+        self.arrays = arrays
 
     def set_epoch(self, epoch: int, first_micro_step: int = 0) -> None:
         """Select the epoch, and where in it to start (a resume skips without loading)."""
@@ -180,5 +182,10 @@ class MicroBatchSampler:
         perm = epoch_permutation(self.plan.train_samples, self.seed, self.epoch)
         for j in range(self.start, self.plan.used_micro_steps_per_epoch()):
             start, stop = self.plan.shard(j, self.rank, self.blocks)
-            indices = perm[start:stop].tolist() if stop > start else [int(perm[0])]
-            yield [(self.epoch, i) for i in indices] if self.with_epoch else indices
+            indices = perm[start:stop] if stop > start else perm[:1]
+            if self.arrays:
+                yield indices
+            elif self.with_epoch:
+                yield [(self.epoch, i) for i in indices.tolist()]
+            else:
+                yield indices.tolist()

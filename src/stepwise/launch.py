@@ -42,7 +42,8 @@ def spawn(job: Job, tracker, log_file: str | None) -> dict[str, float]:
         rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", rdzv_configs={"timeout": timeout},
         max_restarts=0, monitor_interval=0.1, start_method="spawn",
         # SIGTERM/SIGUSR2 reach the workers, which finish their step and checkpoint meanwhile.
-        signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2", shutdown_timeout=timeout,
+        signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2",
+        **_supported(LaunchConfig, shutdown_timeout=timeout),  # torch >= 2.12
     )
     log.info("spawning %d DDP workers (world_size=%d)", job.nproc, job.plan.world_size)
     run_id = getattr(tracker, "run_id", None)
@@ -60,6 +61,14 @@ def spawn(job: Job, tracker, log_file: str | None) -> dict[str, float]:
     steps = [int(results[rank]["global_step"]) for rank in sorted(results)]
     log.info("global_step on each rank: %s (plan: %d)", steps, job.plan.total_optimizer_steps)
     return results[0]
+
+
+def _supported(cls, **options):
+    """The options that this torch's `cls` (a dataclass) knows."""
+    import dataclasses
+
+    fields = {field.name for field in dataclasses.fields(cls)}
+    return {key: value for key, value in options.items() if key in fields}
 
 
 @record

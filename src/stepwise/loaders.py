@@ -25,9 +25,53 @@ class TensorPairDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.x[index], self.y[index]
 
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.as_tensor(indices)
-        return self.x[index], self.y[index]
+    def __getitems__(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gather(torch.as_tensor(indices))
+
+    @property
+    def nbytes(self) -> int:
+        return self.x.nbytes + self.y.nbytes
+
+    def to(self, device: torch.device) -> TensorPairDataset:
+        """The same samples, held on `device` (gathers then run there)."""
+        self.x, self.y = self.x.to(device), self.y.to(device)
+        return self
+
+    def gather(self, index: torch.Tensor, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The samples at `index` (in page-locked memory when `pin`, ready for an asynchronous
+        copy to the GPU)."""
+        index = index.to(self.x.device, non_blocking=True)
+        x, y = self.x[index], self.y[index]
+        return (x.pin_memory(), y.pin_memory()) if pin else (x, y)
+
+
+class InMemoryLoader:
+    """The training loader for in-memory tensors with `data.num_workers=0`: what DataLoader does
+    for them, without its per-batch machinery: one gather per micro-batch from the sampler's
+    index array (on the GPU when the data was moved there, else pinned for the copy)."""
+
+    def __init__(self, dataset: TensorPairDataset, batch_sampler: MicroBatchSampler,
+                 pin: bool) -> None:
+        self.dataset, self.batch_sampler, self.pin = dataset, batch_sampler, pin
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        for indices in self.batch_sampler:
+            yield self.dataset.gather(torch.from_numpy(indices), self.pin)
+
+
+# In-memory training data on a GPU is copied there once, if it takes at most this share of the
+# free GPU memory: micro-batches are then gathered on the GPU, with no copy per micro-step.
+DEVICE_DATA_SHARE = 0.25
+
+
+def _fits_on_device(dataset: TensorPairDataset, device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return dataset.nbytes <= DEVICE_DATA_SHARE * free
 
 
 def _as_is(batch):
@@ -36,7 +80,8 @@ def _as_is(batch):
 
 def make_loaders(data, plan: Plan, replica: Replica, *, seed: int, dtype: torch.dtype,
                  num_workers: int = 0, persistent_workers: bool = False,
-                 prefetch_factor: int | None = None) -> tuple[DataLoader, DataLoader | None]:
+                 prefetch_factor: int | None = None
+                 ) -> tuple[DataLoader | InMemoryLoader, DataLoader | None]:
     """The training loader (this process's micro-batches) and its shard of the validation set.
 
     `data` is an ArrayData or ImageData: its `train_set`/`val_set` give datasets whose
@@ -46,9 +91,16 @@ def make_loaders(data, plan: Plan, replica: Replica, *, seed: int, dtype: torch.
     if num_workers > 0:
         workers.update(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
     train_set = data.train_set(dtype, seed)
+    in_memory = isinstance(train_set, TensorPairDataset) and num_workers == 0
     sampler = MicroBatchSampler(plan, replica.rank, seed, replica.blocks_per_process,
-                                with_epoch=getattr(train_set, "keys_with_epoch", False))
-    train = DataLoader(train_set, batch_sampler=sampler, collate_fn=_as_is, **workers)
+                                with_epoch=getattr(train_set, "keys_with_epoch", False),
+                                arrays=in_memory)
+    if in_memory and _fits_on_device(train_set, replica.device):
+        train = InMemoryLoader(train_set.to(replica.device), sampler, pin=False)
+    elif in_memory:
+        train = InMemoryLoader(train_set, sampler, pin=workers["pin_memory"])
+    else:
+        train = DataLoader(train_set, batch_sampler=sampler, collate_fn=_as_is, **workers)
     if data.val_samples == 0:
         return train, None
     # Contiguous, disjoint shards: every validation sample is counted once over all ranks.

@@ -29,6 +29,11 @@ class Schedule:
     milestones_samples: tuple[int, ...] = ()
     gamma: float = 0.1
 
+    @property
+    def constant(self) -> bool:
+        """The factor is 1 at every step (nothing to step)."""
+        return self.name == "constant" and self.warmup_samples == 0
+
     def factor(self, samples_before: int) -> float:
         """The LR multiplier of an optimizer step that starts after `samples_before` samples."""
         if samples_before < self.warmup_samples:

@@ -29,6 +29,19 @@ def per_sample_loss(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.T
     return lambda out, y: F.mse_loss(out, y, reduction="none").flatten(1).mean(1)
 
 
+def summed_loss(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The sum of `per_sample_loss` over a batch in one operation (a batch with no padding)."""
+    if task == "classification":
+        return lambda out, y: F.cross_entropy(out, y, reduction="sum")
+
+    def mse_sum(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        total = F.mse_loss(out, y, reduction="sum")
+        per_sample = out[0].numel()
+        return total if per_sample == 1 else total / per_sample
+
+    return mse_sum
+
+
 class PlanMismatch(RuntimeError):
     """What was executed differs from the plan: the run is failed, never reported as fine."""
 
@@ -107,7 +120,7 @@ class Trainer:
                  stop_request: StopRequest | None = None, precision: Precision | None = None,
                  channels_last: bool = False) -> None:
         self.model, self.optimizer, self.scheduler, self.plan = model, optimizer, scheduler, plan
-        self.task, self.loss_fn = task, per_sample_loss(task)
+        self.task, self.loss_fn, self.sum_loss = task, per_sample_loss(task), summed_loss(task)
         self.train_loader, self.val_loader = train_loader, val_loader
         self.replica, self.tracker, self.progress = replica, tracker, progress
         self.grad_clip_norm = grad_clip_norm
@@ -182,7 +195,9 @@ class Trainer:
             if not self.precision.step(self.optimizer):
                 self._skip(step, "float16 gradients overflowed (the GradScaler lowered its scale)")
         lr = self.last_lr = self.scheduler.get_last_lr()[0]
-        if self.counters.skipped_steps:
+        if self.plan.schedule.constant:
+            pass  # its factor is 1 at every step: stepping it would change nothing
+        elif self.counters.skipped_steps:
             with warnings.catch_warnings():
                 # A skipped step still advances the schedule (a function of the samples seen).
                 warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
@@ -203,11 +218,13 @@ class Trainer:
         for i, (x, y, real) in enumerate(batches):
             with self.replica.no_sync(self.model, sync=i == len(batches) - 1):
                 with self.precision.autocast():
-                    batch_sum = self.loss_fn(self.model(x), y)[:real].sum()
+                    out = self.model(x)
+                    batch_sum = (self.sum_loss(out, y) if real == len(y)
+                                 else self.loss_fn(out, y)[:real].sum())
                 self.precision.backward(batch_sum * scale)
             sums.append(batch_sum.detach())
             self.real_samples += real
-        return sums[0].double() if len(sums) == 1 else torch.stack(sums).double().sum()
+        return sums[0] if len(sums) == 1 else torch.stack(sums).sum()
 
     def _any_rank_nonfinite(self, loss_sum: torch.Tensor) -> bool:
         """Whether some rank's loss is NaN or infinite (a host sync, and in DDP a small
@@ -227,7 +244,7 @@ class Trainer:
             return float("nan")
         steps, losses = zip(*self.unchecked)
         self.unchecked = []
-        sums = self.replica.sum(torch.stack(losses)).tolist()
+        sums = self.replica.sum(torch.stack(losses).double()).tolist()
         bad = [step for step, value in zip(steps, sums) if not math.isfinite(value)]
         if bad and self.on_nonfinite == "stop":
             raise NonFiniteLoss(f"non-finite loss at optimizer step {bad[0]} (samples "
@@ -269,8 +286,10 @@ class Trainer:
         if len(y) != max(real, 1):
             raise PlanMismatch(f"micro-step {micro_step}: the loader gave {len(y)} samples, "
                                f"the plan {real}")
-        x = inputs_memory_format(x.to(self.replica.device, non_blocking=True), self.channels_last)
-        return x, y.to(self.replica.device, non_blocking=True), real
+        device = self.replica.device
+        if device.type != "cpu":
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        return inputs_memory_format(x, self.channels_last), y, real
 
     # -- validation and the final check ------------------------------------------------------------
     @torch.no_grad()

@@ -29,7 +29,12 @@ CASES = [
     (["data.batch_size=2000", "data.drop_last=true"], "the plan has no optimizer step"),
     (["data.batch_size=1000", "accum=3", "trainer.partial_window=drop"],
      "the plan has no optimizer step"),
-    (["trainer.precision=16-mixed"], "trainer.precision=16-mixed: unknown value"),
+    (["trainer.precision=16"], "trainer.precision=16: unknown value; fix: use one of 32, 64, bf16, 16-mixed"),
+    (["data.batch_size=auto"], "data.batch_size=auto: needs the effective batch to keep"),
+    (["data.batch_size=auto", "effective_batch_size=64", "accum=2"],
+     "accum=2: is chosen by data.batch_size=auto"),
+    (["data.batch_size=big"], "data.batch_size=big: must be a positive integer or auto"),
+    (["trainer.channels_last=true"], "trainer.channels_last=true: data=digits gives vectors"),
     (["schedule=step"], "schedule=step: no such option in conf/schedule/"),
     (["schedule.name=step"], "schedule.name=step: unknown schedule"),
     (["lr_scaling.base_batch_size=0"], "lr_scaling.base_batch_size=0: must be positive"),
@@ -61,6 +66,7 @@ def test_bad_input_is_one_clear_line(args, expected, workdir):
 
 def test_a_crash_marks_the_run_failed(tmp_path, monkeypatch):
     job: Job = prepare_job(tmp_path, "trainer.max_epochs=1", "trainer.progress_bar=false",
+                           "trainer.log_every_n_steps=1",
                            f"logger.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
     (job.run_dir / "config.yaml").write_text("{}\n")
     (job.run_dir / "plan.json").write_text(job.plan.to_json())

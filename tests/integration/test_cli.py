@@ -52,10 +52,11 @@ def test_default_job_trains_and_logs_the_run(workdir):
     assert params["trainer.max_epochs"] == "10" and params["model.hidden_sizes"] == "[128, 128]"
     metrics = run.data.metrics
     assert metrics["global_step"] == 450 and metrics["val/accuracy"] > 0.9
+    # trainer.log_every_n_steps=50 by default, and the last step
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
-    assert steps == list(range(1, 451))
-    seen = client.get_metric_history(run.info.run_id, "train/samples_seen")
-    assert seen[44].value == 1438 and seen[-1].value == 14380
+    assert steps == list(range(50, 451, 50))
+    seen = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/samples_seen")}
+    assert seen[50] == 1438 + 5 * 32 and seen[450] == 14380
     assert len(client.get_metric_history(run.info.run_id, "val/loss")) == 10
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "plan.json"} <= artifacts

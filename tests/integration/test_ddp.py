@@ -106,7 +106,8 @@ def test_one_allreduce_round_per_optimizer_step(tmp_path, sync_every, expected_r
 
 
 def test_parallel_ddp_accum_8_is_one_job(workdir):
-    proc = run_cli("parallel=ddp", "accum=8", "trainer.max_epochs=2", cwd=workdir, check=True)
+    proc = run_cli("parallel=ddp", "accum=8", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
+                   cwd=workdir, check=True)
     run_dirs = list(workdir.glob("outputs/*/*/.hydra"))
     assert len(run_dirs) == 1
     client, runs = _runs(workdir)

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.cli
 
 # 1024 training samples: every factoring below has full windows only.
 COMMON = ("data=synthetic", "data.train_samples=1024", "data.val_samples=64",
+          "trainer.log_every_n_steps=1",
           "trainer.max_epochs=3", "schedule=cosine", "schedule.warmup=1", "lr_scaling=linear",
           "lr_scaling.base_batch_size=64", "optim.lr=0.05", "trainer.progress_bar=false")
 

@@ -22,6 +22,7 @@ pytestmark = pytest.mark.cli
 
 # 4 epochs of digits at b=16, k=2: 45 windows per epoch (the last one partial), 180 steps.
 JOB = ("trainer.max_epochs=4", "data.batch_size=16", "accum=2", "trainer.precision=64",
+       "trainer.log_every_n_steps=1",
        "trainer.checkpoint_every_n_steps=7", "trainer.progress_bar=false",
        "model.hidden_sizes=[64]")
 DDP = ("parallel=ddp", "parallel.nproc=2", "data.batch_size=8")
@@ -181,6 +182,7 @@ def test_an_unreachable_tracking_server_is_reported_quickly(workdir):
 
 def test_concurrent_jobs_share_the_sqlite_store(workdir):
     procs = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), "trainer.max_epochs=2",
+                               "trainer.log_every_n_steps=1",
                                f"seed={i}", f"logger.run_name=job{i}",
                                f"hydra.run.dir=outputs/job{i}"],
                               cwd=workdir, env=_env(), stdout=subprocess.PIPE,

@@ -95,7 +95,7 @@ def test_a_timed_out_job_is_requeued_and_finishes_as_one_run(workdir):
     and ends with the weights of an uninterrupted run."""
     job = ("model._target_=tests.fixtures.SlowMLP", "data.batch_size=16", "trainer.max_epochs=25",
            "trainer.precision=64", "trainer.checkpoint_every_n_steps=100",
-           "trainer.progress_bar=false")
+           "trainer.progress_bar=false", "trainer.log_every_n_steps=1")
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("MLFLOW_", "HYDRA_", "SLURM_"))}
     env.update(PYTHONPATH=str(ROOT), SLOW_FORWARD_S="0.02")
