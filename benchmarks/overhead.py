@@ -215,7 +215,8 @@ def _ddp_worker(rank: int, port: int, args, out: str, queue) -> None:
     env = DistEnv("torchrun", rank, rank, 2, 2, 0, "127.0.0.1", port)
     os.environ.update(env.torch_env())
     overrides = WORKLOADS["W4"][1]
-    job = prepare(compose([*COMMON, *settings(args), *overrides]), Path(out), Path(out), env)
+    job = prepare(compose([*COMMON, *settings(args), *overrides, "trainer.max_steps=1"]),
+                  Path(out), Path(out), env)
     replica = start_replica(job.config.parallel, args.device, env)
     lines = measure("W4", overrides, replica, env, args, Path(out))
     if rank == 0:

@@ -52,6 +52,9 @@ def run(cfg: DictConfig) -> dict[str, float] | None:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         (run_dir / "plan.json").write_text(job.plan.to_json())
         log.info("plan (also in %s):\n%s", run_dir / "plan.json", job.plan.table())
+        if job.config.data.batch_size == "auto":
+            log.info("data.batch_size=auto: b = E / W above is tried before training and halved "
+                     "(accum doubled) on out-of-memory")
     if job.config.dry_run:
         log.info("dry_run=true: stopping before training")
         return None
