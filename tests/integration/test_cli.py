@@ -73,7 +73,7 @@ def test_default_job_trains_and_logs_the_run(workdir):
 
 def test_accum_and_batch_size_give_effective_batch_128(workdir):
     run_cli("accum=8", "data.batch_size=16", "trainer.max_epochs=2", "lr_scaling=linear",
-            cwd=workdir, check=True)
+            "trainer.log_every_n_steps=1", cwd=workdir, check=True)
     client, run = _only_run(workdir)
     params = run.data.params
     assert (params["effective_batch_size"], params["accum"], params["per_device_batch_size"]) == (

@@ -58,7 +58,8 @@ def colours_drawn(png: Path) -> list[str]:
 
 def test_basic_sweep_is_one_parent_with_a_child_per_job(workdir):
     proc = run_cli("-m", "accum=1,2,4", "trainer.max_epochs=1", "trainer.progress_bar=false",
-                   "hydra.sweep.dir=multirun/accum", cwd=workdir, check=True)
+                   "trainer.log_every_n_steps=1", "hydra.sweep.dir=multirun/accum", cwd=workdir,
+                   check=True)
     client, parent, children = sweep_runs(f"sqlite:///{workdir / 'mlflow.db'}")
     assert parent.info.status == "FINISHED", proc.stderr
     assert [c.data.params["accum"] for c in children] == ["1", "2", "4"]
