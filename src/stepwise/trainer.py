@@ -29,17 +29,11 @@ def per_sample_loss(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.T
     return lambda out, y: F.mse_loss(out, y, reduction="none").flatten(1).mean(1)
 
 
-def summed_loss(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The sum of `per_sample_loss` over a batch in one operation (a batch with no padding)."""
+def mean_loss(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The mean of `per_sample_loss` over a batch in one operation (a batch with no padding)."""
     if task == "classification":
-        return lambda out, y: F.cross_entropy(out, y, reduction="sum")
-
-    def mse_sum(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        total = F.mse_loss(out, y, reduction="sum")
-        per_sample = out[0].numel()
-        return total if per_sample == 1 else total / per_sample
-
-    return mse_sum
+        return F.cross_entropy
+    return F.mse_loss  # the mean over samples of each sample's mean over its outputs
 
 
 class PlanMismatch(RuntimeError):
@@ -120,7 +114,7 @@ class Trainer:
                  stop_request: StopRequest | None = None, precision: Precision | None = None,
                  channels_last: bool = False) -> None:
         self.model, self.optimizer, self.scheduler, self.plan = model, optimizer, scheduler, plan
-        self.task, self.loss_fn, self.sum_loss = task, per_sample_loss(task), summed_loss(task)
+        self.task, self.loss_fn, self.mean_loss = task, per_sample_loss(task), mean_loss(task)
         self.train_loader, self.val_loader = train_loader, val_loader
         self.replica, self.tracker, self.progress = replica, tracker, progress
         self.grad_clip_norm = grad_clip_norm
@@ -183,12 +177,12 @@ class Trainer:
 
         Returns the number of a stop signal that some rank received (0: none).
         """
-        loss_sum = self._accumulate(batches, window)
+        shares = self._accumulate(batches, window)
         step = self.counters.global_step + 1
-        if self.on_nonfinite == "skip" and self._any_rank_nonfinite(loss_sum):
+        if self.on_nonfinite == "skip" and self._any_rank_nonfinite(shares):
             self._skip(step, "non-finite loss")
         else:
-            self.unchecked.append((step, loss_sum))
+            self.unchecked.append((step, shares))
             self.precision.unscale_(self.optimizer)
             if self.grad_clip_norm is not None:
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
@@ -208,28 +202,39 @@ class Trainer:
         self.counters.global_step = step
         self.counters.micro_steps += len(batches)
         self.counters.samples_seen += window.samples
-        self._log_step(loss_sum, window, lr)
+        self._log_step(shares, lr)
         return self.stop_vote.exchange(self.stop_request.signum)
 
     def _accumulate(self, batches: list[Batch], window: Window) -> torch.Tensor:
-        """Forward/backward every micro-step; DDP all-reduces on the last one only."""
-        scale = self.replica.loss_multiplier / window.samples
-        sums = []
+        """Forward/backward every micro-step; DDP all-reduces on the last one only.
+
+        Each micro-step's backward loss is its share of the window's mean loss: its real
+        samples' loss sum times `loss_multiplier / window.samples`. A full micro-batch computes
+        it as its mean loss times `real * loss_multiplier / window.samples` (skipped when that is
+        exactly 1: one micro-step per window, one process). Returns the sum of the shares: over
+        ranks, divided by `loss_multiplier`, it is the window's mean loss.
+        """
+        multiplier = self.replica.loss_multiplier
+        shares = []
         for i, (x, y, real) in enumerate(batches):
             with self.replica.no_sync(self.model, sync=i == len(batches) - 1):
                 with self.precision.autocast():
                     out = self.model(x)
-                    batch_sum = (self.sum_loss(out, y) if real == len(y)
-                                 else self.loss_fn(out, y)[:real].sum())
-                self.precision.backward(batch_sum * scale)
-            sums.append(batch_sum.detach())
+                    if real == len(y):
+                        share = self.mean_loss(out, y)
+                        if real * multiplier != window.samples:
+                            share = share * (real * multiplier / window.samples)
+                    else:
+                        share = self.loss_fn(out, y)[:real].sum() * (multiplier / window.samples)
+                self.precision.backward(share)
+            shares.append(share.detach())
             self.real_samples += real
-        return sums[0] if len(sums) == 1 else torch.stack(sums).sum()
+        return shares[0] if len(shares) == 1 else torch.stack(shares).sum()
 
-    def _any_rank_nonfinite(self, loss_sum: torch.Tensor) -> bool:
+    def _any_rank_nonfinite(self, shares: torch.Tensor) -> bool:
         """Whether some rank's loss is NaN or infinite (a host sync, and in DDP a small
         all-reduce: every rank takes the same decision at the same step)."""
-        return bool(self.replica.sum((~torch.isfinite(loss_sum)).double()).item())
+        return bool(self.replica.sum((~torch.isfinite(shares)).double()).item())
 
     def _skip(self, step: int, why: str) -> None:
         self.counters.skipped_steps += 1
@@ -239,7 +244,7 @@ class Trainer:
     def check_losses(self) -> float:
         """Check the losses of the steps since the last check (one sync, and one all-reduce in
         DDP, at the same step on every rank); raise NonFiniteLoss naming the first bad step under
-        `on_nonfinite=stop`. Returns the last window's loss summed over ranks (nan: none)."""
+        `on_nonfinite=stop`. Returns the last window's mean loss over all ranks (nan: none)."""
         if not self.unchecked:
             return float("nan")
         steps, losses = zip(*self.unchecked)
@@ -250,7 +255,7 @@ class Trainer:
             raise NonFiniteLoss(f"non-finite loss at optimizer step {bad[0]} (samples "
                                 f"{self.plan.samples_after(bad[0] - 1)}..); "
                                 "trainer.on_nonfinite=skip would drop such steps instead")
-        return sums[-1]
+        return sums[-1] / self.replica.loss_multiplier
 
     def _after_step(self, stop: int) -> None:
         """Checkpoint when due or when asked to stop; then honour the stop."""
@@ -262,16 +267,16 @@ class Trainer:
         if stop:
             raise Stopped(stop, self.stop_request)
 
-    def _log_step(self, loss_sum: torch.Tensor, window: Window, lr: float) -> None:
+    def _log_step(self, shares: torch.Tensor, lr: float) -> None:
         step = self.counters.global_step
         self.progress.update(1)
         if step % self.log_every_n_steps and step != self.plan.total_optimizer_steps:
             return
         if self.unchecked and self.unchecked[-1][0] == step:
-            loss = self.check_losses() / window.samples
+            loss = self.check_losses()
         else:  # this step was skipped: its loss was summed over ranks to decide that
             self.check_losses()
-            loss = self.replica.sum(loss_sum).item() / window.samples
+            loss = self.replica.sum(shares).item() / self.replica.loss_multiplier
         self.progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
         metrics = {"train/loss": loss, "train/lr": lr, "train/samples_seen": self.counters.samples_seen}
         if self.counters.skipped_steps:
