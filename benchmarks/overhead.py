@@ -1,6 +1,6 @@
 """stepwise's training loop against a hand-written PyTorch loop on identical work, alternating.
 
-    .venv/bin/python benchmarks/overhead.py [--workloads W1,W2,W3,W4] [--repeats 5] [--seconds 2]
+    .venv/bin/python benchmarks/overhead.py [--workloads W1,W2,W3,W4] [--repeats 9] [--seconds S]
     python benchmarks/overhead.py --device cuda --workloads W3,R18 --precision bf16 --channels-last
 
 W1: MLP 64-512-512-10 on digits, b=32.            W2: the same with accum=8.
@@ -62,6 +62,10 @@ WORKLOADS = {
              "data.val_samples=0", "model=torchvision", "model.name=resnet18",
              "data.batch_size=256"]),
 }
+# Seconds per measurement by default: W3 and W4 take 30-100 ms per optimizer step, and their
+# measurements must hold enough steps that run-to-run noise and the end of fit (a final
+# all-reduce or two, the MLflow flush: about 10-50 ms once per run) do not dominate.
+SECONDS = {"W3": 5.0, "W4": 5.0}
 
 
 def compose(overrides: list[str]):
@@ -181,7 +185,7 @@ def measure(name: str, overrides: list[str], replica: Replica, env: DistEnv, arg
     """Alternate the two loops `args.repeats` times; the report lines (on the main rank)."""
     overrides = [*COMMON, *settings(args), *overrides]
     probe = prepare(compose([*overrides, "trainer.max_steps=1"]), out, out, env)
-    steps = steps_for(probe, args.seconds, replica)
+    steps = steps_for(probe, args.seconds or SECONDS.get(name, 2.0), replica)
     job = prepare(compose([*overrides, f"trainer.max_steps={steps}"]), out, out, env)
     assert job.plan.total_samples == steps * job.plan.effective_batch_size  # full windows only
     samples = (steps - 1) * job.plan.effective_batch_size  # after the first step
@@ -231,9 +235,10 @@ def _ddp_worker(rank: int, port: int, args, out: str, queue) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", default="W1,W2,W3,W4")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=2.0,
-                        help="about how long one measurement of one loop takes")
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="about how long one measurement of one loop takes (default: 2, "
+                             "5 for W3 and W4)")
     parser.add_argument("--no-mlflow", action="store_true", help="stepwise without MLflow")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--precision", default="32", choices=("32", "bf16", "16-mixed"))

@@ -40,7 +40,8 @@ class TensorPairDataset(Dataset):
     def gather(self, index: torch.Tensor, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The samples at `index` (in page-locked memory when `pin`, ready for an asynchronous
         copy to the GPU)."""
-        index = index.to(self.x.device, non_blocking=True)
+        if index.device != self.x.device:
+            index = index.to(self.x.device, non_blocking=True)
         x, y = self.x[index], self.y[index]
         return (x.pin_memory(), y.pin_memory()) if pin else (x, y)
 

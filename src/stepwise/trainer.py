@@ -220,7 +220,7 @@ class Trainer:
             with self.replica.no_sync(self.model, sync=i == len(batches) - 1):
                 with self.precision.autocast():
                     out = self.model(x)
-                    if real == len(y):
+                    if real == y.shape[0]:
                         share = self.mean_loss(out, y)
                         if real * multiplier != window.samples:
                             share = share * (real * multiplier / window.samples)
@@ -288,8 +288,8 @@ class Trainer:
         start, stop = self.plan.shard(micro_step, self.replica.rank,
                                       self.replica.blocks_per_process)
         real = stop - start
-        if len(y) != max(real, 1):
-            raise PlanMismatch(f"micro-step {micro_step}: the loader gave {len(y)} samples, "
+        if y.shape[0] != max(real, 1):
+            raise PlanMismatch(f"micro-step {micro_step}: the loader gave {y.shape[0]} samples, "
                                f"the plan {real}")
         device = self.replica.device
         if device.type != "cpu":
