@@ -62,7 +62,7 @@ WORKLOADS = {
              "data.val_samples=0", "model=torchvision", "model.name=resnet18",
              "data.batch_size=256"]),
 }
-# Seconds per measurement by default: W3 and W4 take 30-100 ms per optimizer step, and their
+# Seconds per measurement by default: W3 and W4 take about 100 ms per optimizer step, and their
 # measurements must hold enough steps that run-to-run noise and the end of fit (a final
 # all-reduce or two, the MLflow flush: about 10-50 ms once per run) do not dominate.
 SECONDS = {"W3": 5.0, "W4": 5.0}
@@ -185,7 +185,8 @@ def measure(name: str, overrides: list[str], replica: Replica, env: DistEnv, arg
     """Alternate the two loops `args.repeats` times; the report lines (on the main rank)."""
     overrides = [*COMMON, *settings(args), *overrides]
     probe = prepare(compose([*overrides, "trainer.max_steps=1"]), out, out, env)
-    steps = steps_for(probe, args.seconds or SECONDS.get(name, 2.0), replica)
+    seconds = SECONDS.get(name, 2.0) if args.seconds is None else args.seconds
+    steps = steps_for(probe, seconds, replica)
     job = prepare(compose([*overrides, f"trainer.max_steps={steps}"]), out, out, env)
     assert job.plan.total_samples == steps * job.plan.effective_batch_size  # full windows only
     samples = (steps - 1) * job.plan.effective_batch_size  # after the first step

@@ -125,7 +125,7 @@ class Trainer:
         self.precision = precision or Precision("32", replica.device)
         self.channels_last = channels_last
         self.stop_vote = replica.lagged_max()  # a signal on any rank stops all, one step later
-        self.unchecked: list[tuple[int, torch.Tensor]] = []  # (step, loss sum) not yet checked
+        self.unchecked: list[tuple[int, torch.Tensor]] = []  # (step, loss shares) unchecked
         self.counters = Counters()
         self.real_samples = 0  # this process's real samples, summed over ranks at the end
         self.last_lr = float("nan")  # the LR of the last optimizer step taken

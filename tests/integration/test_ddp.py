@@ -40,14 +40,18 @@ def _runs(workdir: Path):
 
 
 def test_ddp_factorings_end_with_the_single_process_weights(workdir):
+    """...and report the same train/loss at every step: the window's mean loss, whatever the
+    world size (DDP's gradient average is undone by `loss_multiplier`, the report must not be)."""
     weights = {}
+    logged = [arg for arg in EXACT if arg != "logger=none"]
     for name, args in {
         "single_b32_k4": ["data.batch_size=32", "accum=4"],
         "ddp_b16_k4": ["parallel=ddp", "parallel.nproc=2", "data.batch_size=16", "accum=4"],
         "ddp_b32_k2": ["parallel=ddp", "parallel.nproc=2", "data.batch_size=32", "accum=2"],
         "ddp_b8_k8": ["parallel=ddp", "parallel.nproc=2", "data.batch_size=8", "accum=8"],
     }.items():
-        run_cli(*EXACT, *args, f"hydra.run.dir=outputs/{name}", cwd=workdir, check=True)
+        run_cli(*logged, *args, f"hydra.run.dir=outputs/{name}", f"logger.run_name={name}",
+                "trainer.log_every_n_steps=1", cwd=workdir, check=True)
         checkpoint = load_checkpoint(workdir / "outputs" / name / "checkpoints" / "last.pt")
         assert checkpoint["plan"]["effective_batch_size"] == 128
         assert checkpoint["global_step"] == 18  # 6 steps per epoch (5 x 128 + 5) x 3
@@ -56,6 +60,14 @@ def test_ddp_factorings_end_with_the_single_process_weights(workdir):
     for name, state in weights.items():
         for key, value in reference.items():
             assert (state[key] - value).abs().max().item() < 1e-9, (name, key)
+    client, runs = _runs(workdir)
+    losses = {run.info.run_name: [m.value for m in sorted(
+        client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)]
+        for run in runs}
+    reference = losses.pop("single_b32_k4")
+    assert len(reference) == 18 and reference[0] > 2.0  # about ln(10) at the start
+    for name, values in losses.items():
+        assert max(abs(a - b) for a, b in zip(values, reference)) < 1e-9 and len(values) == 18, name
 
 
 def _count_allreduce_rounds(rank: int, tmp: str, sync_every: bool, queue) -> None:

@@ -41,8 +41,15 @@ def test_factorings_of_64_end_with_the_same_weights(tmp_path):
 def test_each_step_is_the_mean_loss_gradient_over_its_window(tmp_path):
     job = prepare_job(tmp_path, "logger=none", "trainer.precision=64", "trainer.progress_bar=false",
                       "model.hidden_sizes=[16]", "optim.momentum=0.0", "optim.lr=0.5",
-                      "data.batch_size=8", "accum=8", "trainer.max_epochs=1")
-    trainer = build_trainer(job, Replica("single", 0, 1, torch.device("cpu")), NullTracker())
+                      "data.batch_size=8", "accum=8", "trainer.max_epochs=1",
+                      "trainer.log_every_n_steps=1")
+    logged: dict[int, dict[str, float]] = {}
+
+    class Recorder(NullTracker):
+        def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+            logged.setdefault(step, {}).update(metrics)
+
+    trainer = build_trainer(job, Replica("single", 0, 1, torch.device("cpu")), Recorder())
     model, lr, plan = trainer.model, job.plan.lr, job.plan
     x_all = torch.as_tensor(job.data.x_train, dtype=torch.float64)
     y_all = torch.as_tensor(job.data.y_train)
@@ -56,6 +63,7 @@ def test_each_step_is_the_mean_loss_gradient_over_its_window(tmp_path):
         trainer.train_step(batches, window)
         for p, p0, g in zip(model.parameters(), before, grads):
             assert (p.detach() - (p0 - lr * g)).abs().max().item() < 1e-12, s
+        assert abs(logged[s + 1]["train/loss"] - loss.item()) < 1e-12, s  # the loss it reports
         sizes.append((window.micro_steps, window.samples))
     assert len(sizes) == 23 and sizes[-1] == (4, 30) and sizes[0] == (8, 64)
 
