@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,11 @@ STEP_FILE = re.compile(r"^step-(\d{8})\.pt$")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or does not belong to this run."""
+    """A checkpoint that cannot be read or does not belong to this run: `problem` says why."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        self.path, self.problem = path, problem
+        super().__init__(f"{path}: {problem}")
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
@@ -76,15 +82,73 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def read_valid(path: Path) -> dict[str, Any]:
     """Load and check that the file holds a whole stepwise checkpoint; CheckpointError if not."""
+    kind = _not_torch_file(path)
+    if kind is not None:
+        raise CheckpointError(path, f"{kind}, not a torch checkpoint file (torch.save output)")
     try:
-        payload = load_checkpoint(path)
-    except Exception as err:  # truncated zip, bad pickle, empty file, ...
-        raise CheckpointError(f"{path}: unreadable ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''})") from None
+        with warnings.catch_warnings():  # torch's notes on odd pickles: the error says enough
+            warnings.simplefilter("ignore")
+            payload = load_checkpoint(path)
+    except Exception as err:  # truncated zip, bad pickle, ...
+        raise CheckpointError(path, _load_failure(err)) from None
     missing = [k for k in REQUIRED_KEYS if not isinstance(payload, dict) or k not in payload]
     if missing:
-        raise CheckpointError(f"{path}: not a stepwise checkpoint (missing {', '.join(missing)})")
+        raise CheckpointError(path, f"a torch file but not a stepwise checkpoint (missing "
+                                    f"{', '.join(missing)})")
     return payload
+
+
+# torch.save writes a zip archive holding <name>/data.pkl; before torch 1.6 (and with
+# _use_new_zipfile_serialization=False), a pickle stream that starts with this magic number.
+ZIP_MAGIC = b"PK\x03\x04"
+LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def _not_torch_file(path: Path) -> str | None:
+    """What the file plainly is when it is not torch.save output ("a text file", ...), or None
+    when it may be one (torch.load then decides)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4096)
+    except OSError as err:
+        return f"a file that cannot be opened ({err.strerror})"
+    if head.startswith(LEGACY_MAGIC):
+        return None
+    if head.startswith(ZIP_MAGIC):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return None  # a torch file cut short, as by a full disk: torch.load says so
+        return None if any(n.rpartition("/")[2] == "data.pkl" for n in names) else "a zip archive"
+    if not head:
+        return "an empty file"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a Python pickle"  # pickle.dump's PROTO opcode; torch.save's would be the above
+    return "a text file" if _is_text(head) else "a binary file"
+
+
+def _is_text(head: bytes) -> bool:
+    if b"\x00" in head:
+        return False
+    for cut in range(4):  # the 4096th byte may end inside a multi-byte character
+        try:
+            head[:len(head) - cut].decode("utf-8")
+            return True
+        except UnicodeDecodeError:
+            continue
+    return False
+
+
+def _load_failure(err: Exception) -> str:
+    """torch.load's refusal of a file that looks like torch.save output, in a user's words."""
+    import pickle
+
+    if isinstance(err, pickle.UnpicklingError) and "weights_only" in str(err):
+        return ("a torch file holding Python objects besides tensors and plain containers, which "
+                "torch.load(weights_only=True) refuses to unpickle")
+    reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+    return f"a damaged or truncated torch checkpoint file (torch.load: {reason})"
 
 
 def latest_valid(directory: Path) -> tuple[Path, dict[str, Any]] | None:

@@ -7,7 +7,7 @@ takes a fraction of `import torch` (tests/integration/test_startup.py holds it t
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +18,12 @@ from stepwise.data import ArrayData, build_data
 from stepwise.dist_env import DistEnv, ddp_world
 from stepwise.errors import ConfigError
 from stepwise.plan import Plan, derive_accum, make_plan
+from stepwise.probe import check_model
 
 if TYPE_CHECKING:
     from stepwise.sweep import SweepJob
 
+log = logging.getLogger("stepwise")
 PARALLEL_MODES = ("single", "dp", "ddp")
 BACKENDS = ("auto", "gloo", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
@@ -87,10 +89,8 @@ def validate(config: Config) -> None:
                           "use 0 to load in the main process")
     if hasattr(config.model, "activation"):
         _one_of("model.activation", config.model.activation, ACTIVATIONS)
-    for key in ("momentum", "weight_decay", "eps"):
-        value = getattr(config.optim, key, 0.0)
-        if value < 0:
-            raise ConfigError(f"optim.{key}", value, "must be >= 0", f"set optim.{key} to 0 or more")
+    check_optim(config.optim)
+    check_sizes(config)
     if trainer.device == "cuda":
         import torch
 
@@ -98,6 +98,95 @@ def validate(config: Config) -> None:
             raise ConfigError("trainer.device", "cuda", "no CUDA device is visible",
                               "use trainer.device=auto or cpu")
     check_fast_path(trainer)
+
+
+def check_optim(optim: Any) -> None:
+    """optim.* ranges that torch.optim checks late (at its first step) or never; no torch here."""
+    weight_decay, eps = getattr(optim, "weight_decay", 0.0), getattr(optim, "eps", None)
+    if weight_decay < 0:
+        raise ConfigError("optim.weight_decay", weight_decay, "must be >= 0",
+                          "set optim.weight_decay to 0 or more")
+    momentum, dampening = getattr(optim, "momentum", 0.0), getattr(optim, "dampening", 0.0)
+    if not 0 <= momentum < 1:
+        raise ConfigError("optim.momentum", momentum, "must be in [0, 1): the momentum buffer "
+                          "weighs the gradient of k steps ago by momentum^k, a series that grows "
+                          "without bound at 1 or more, so training diverges",
+                          "use e.g. optim.momentum=0.9, or 0 for none")
+    if not 0 <= dampening <= 1:
+        raise ConfigError("optim.dampening", dampening, "must be in [0, 1] (each gradient enters "
+                          "the momentum buffer scaled by 1 - dampening)", "use optim.dampening=0")
+    if getattr(optim, "nesterov", False) and (momentum <= 0 or dampening != 0):
+        raise ConfigError("optim.nesterov", True, f"needs optim.momentum > 0 and "
+                          f"optim.dampening=0 (here momentum={momentum:g}, dampening={dampening:g})",
+                          "set e.g. optim.momentum=0.9 optim.dampening=0, or optim.nesterov=false")
+    betas = getattr(optim, "betas", None)
+    if betas is not None and (len(betas) != 2 or not all(0 <= b < 1 for b in betas)):
+        raise ConfigError("optim.betas", list(betas), "must be two values in [0, 1) (the decay "
+                          "rates of the running means of the gradient and of its square)",
+                          "use e.g. optim.betas=[0.9,0.999]")
+    if betas is not None and eps is not None and not eps > 0:
+        raise ConfigError("optim.eps", eps, "must be positive: the update divides by sqrt(v) + "
+                          "eps, and v is 0 for a weight whose gradients have all been 0 (0/0 = NaN)",
+                          "use e.g. optim.eps=1e-8")
+    if eps is not None and eps < 0:
+        raise ConfigError("optim.eps", eps, "must be >= 0", "use e.g. optim.eps=1e-8")
+
+
+def check_sizes(config: Config) -> None:
+    """Model layer sizes, seeds and data.* numbers that the builders take without a word, or
+    refuse with a traceback (numpy's negative seeds, a zero std)."""
+    for name in ("hidden_sizes", "widths"):
+        sizes = getattr(config.model, name, None)
+        if sizes is not None and any(size < 1 for size in sizes):
+            example = ",".join(map(str, getattr(type(config.model)(), name))) or "64"
+            raise ConfigError(f"model.{name}", list(sizes), "every layer needs at least 1 unit "
+                              "(a layer of 0 cuts the output off from the input)",
+                              f"use e.g. model.{name}=[{example}]")
+    data = config.data
+    for key, value in (("seed", config.seed), ("data.seed", getattr(data, "seed", 0)),
+                       ("data.split_seed", getattr(data, "split_seed", 0))):
+        if value < 0:
+            raise ConfigError(key, value, "must be >= 0 (numpy takes no negative seeds)",
+                              f"use e.g. {key}=0")
+    for key, low, fix in (("train_samples", 1, "1 or more"), ("num_classes", 1, "1 or more"),
+                          ("val_samples", 0, "0 or more"), ("noise_std", 0, "0 or more"),
+                          ("prefetch_factor", 1, "1 or more, or null for torch's default")):
+        value = getattr(data, key, None)
+        if value is not None and value < low:
+            raise ConfigError(f"data.{key}", value, f"must be >= {low}", f"set data.{key} to {fix}")
+    fraction = getattr(data, "val_fraction", 0.0)
+    if not 0 <= fraction < 1:
+        raise ConfigError("data.val_fraction", fraction, "must be in [0, 1)",
+                          "use e.g. data.val_fraction=0.2")
+    std = getattr(data, "std", None)
+    if std is not None and not all(value > 0 for value in std):
+        raise ConfigError("data.std", list(std), "must all be positive (pixels are divided by "
+                          "them)", "give each channel's standard deviation, e.g. 0.25, or null")
+    if getattr(data, "weights", None) == []:
+        raise ConfigError("data.weights", [], "needs one weight per input feature",
+                          "use e.g. data.weights=[-2.0,3.4]")
+
+
+def warn_unlikely(config: Config, plan: Plan) -> None:
+    """One warning line, with the reason, for each legal value that is most likely a slip."""
+    optim = config.optim
+    adam = hasattr(optim, "betas")
+    limit, why, typical = ((1.0, "AdamW, which moves each weight by about lr per step", "1e-4 to 1e-2")
+                           if adam else (10.0, "SGD: steps that large make the loss diverge on "
+                                               "almost any model", "1e-3 to 1"))
+    if plan.lr > limit:
+        scaled = "" if plan.lr == optim.lr else f" (scaled to {plan.lr:g} by lr_scaling)"
+        log.warning("optim.lr=%g%s: unusually large for %s (typical: %s)", optim.lr, scaled, why,
+                    typical)
+    if optim.weight_decay > 1:
+        log.warning("optim.weight_decay=%g: unusually large (typical: %s): each step multiplies "
+                    "every weight by 1 - lr x weight_decay = %.4g, pulling the weights to 0 "
+                    "whatever the loss", optim.weight_decay, "0.01 to 0.1" if adam else "1e-5 to 1e-3",
+                    1 - plan.lr * optim.weight_decay)
+    if getattr(config.data, "num_classes", None) == 1 and \
+            getattr(config.data, "task", "classification") == "classification":
+        log.warning("data.num_classes=1: every label is that class, so the cross-entropy loss is "
+                    "0 whatever the weights and nothing is learned")
 
 
 def check_fast_path(trainer: Any) -> None:
@@ -226,56 +315,10 @@ def _data_name(data_cfg: Any) -> str:
     return str(data_cfg._target_).rsplit(".", 1)[-1]
 
 
-IMAGE_MODELS = ("stepwise.models.CNN", "stepwise.models.torchvision_model")
-
-
-def check_model(model_cfg: Any, data: Any, data_name: str) -> None:
-    """The model must take the data's samples and give its outputs; else a ConfigError naming
-    the model key and the data. Image models are built once on the CPU and given 2 samples."""
-    shape, classes = tuple(data.input_shape), data.num_outputs
-    target = model_cfg._target_
-    for key, value, wanted, what in (("num_classes", getattr(model_cfg, "num_classes", None),
-                                      classes, "classes"),
-                                     ("in_channels", getattr(model_cfg, "in_channels", None),
-                                      shape[0], "input channels")):
-        if value is not None and value != wanted:
-            raise ConfigError(f"model.{key}", value, f"data={data_name} has {wanted} {what}",
-                              f"leave model.{key} null (it follows the data), or use data with "
-                              f"{value} {what}")
-    if target not in IMAGE_MODELS:
-        return
-    key, value = ("model.name", model_cfg.name) if hasattr(model_cfg, "name") else ("model", "cnn")
-    if len(shape) != 3:
-        raise ConfigError(key, value, f"needs images (channels, height, width); data={data_name} "
-                          f"gives vectors of {shape[0]} features",
-                          "use data=fake|imagefolder|mnist|cifar10, data.image_shape=[3,32,32] with "
-                          "data=synthetic, or model=mlp")
-    import torch
-    from hydra.utils import instantiate
-
-    if hasattr(model_cfg, "name"):
-        from stepwise.vision import torchvision
-
-        names = torchvision().models.list_models()
-        if value not in names:
-            close = difflib.get_close_matches(str(value), names, n=3) or ["resnet18"]
-            raise ConfigError(key, value, "not a torchvision.models builder",
-                              f"use e.g. {', '.join(close)} (torchvision.models.list_models())")
-    model = instantiate(dataclasses.asdict(model_cfg), input_shape=shape, num_outputs=classes)
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(2, *shape))
-    except (RuntimeError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0][:160]
-        raise ConfigError(key, value, f"cannot take data={data_name}'s {shape[1]}x{shape[2]} "
-                          f"images with {shape[0]} channels ({reason})",
-                          "resize the images in data.train_transforms and data.val_transforms, "
-                          "or choose another model") from None
-
-
 def prepare(config: Config, run_dir: Path, start_dir: Path, env: DistEnv | None = None,
             sweep: SweepJob | None = None) -> Job:
-    """Validate the config, load the data's arrays and compute the plan.
+    """Validate the config, load the data's arrays, compute the plan, and build the model and
+    optimizer once (stepwise.probe), but in a dry run of vector data, which stays torch-free.
 
     Args:
         env: the launcher's environment (torchrun, SLURM) if any; it fixes the world size.
@@ -291,6 +334,12 @@ def prepare(config: Config, run_dir: Path, start_dir: Path, env: DistEnv | None 
                           "vectors, not images", "set trainer.channels_last=false")
     plan = plan_for(config, data, world_size, batch_size, accum)
     check_adapt_betas(config, plan)
+    if not config.dry_run or len(data.input_shape) == 3:  # images: torch is loaded already
+        from stepwise.probe import probe
+
+        probe(config, data, _data_name(config.data), plan)
+    if env.rank == 0:
+        warn_unlikely(config, plan)
     from stepwise.resume import find_checkpoint
 
     return Job(config=config, data=data, plan=plan, run_dir=run_dir, start_dir=start_dir,

@@ -46,7 +46,9 @@ def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
     try:
         read_valid(path)
     except CheckpointError as err:
-        raise ConfigError("trainer.resume", resume, str(err), "give another checkpoint") from None
+        raise ConfigError("trainer.resume", resume, err.problem,
+                          "give a checkpoint stepwise wrote (<run dir>/checkpoints/last.pt), a run "
+                          "directory, or trainer.resume=auto|none") from None
     return path
 
 

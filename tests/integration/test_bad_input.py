@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -49,6 +51,26 @@ CASES = [
     (["trainer.max_samples=0"], "trainer.max_samples=0: must be a positive number of samples"),
     (["trainer.device=cuda"] if not torch.cuda.is_available() else ["trainer.device=tpu"],
      "trainer.device="),
+    # Ranges torch does not check (or checks only inside training): refused before any work.
+    (["optim.momentum=2"], "optim.momentum=2.0: must be in [0, 1): the momentum buffer"),
+    (["optim.dampening=1.5"], "optim.dampening=1.5: must be in [0, 1]"),
+    (["optim=sgd", "optim.nesterov=true", "optim.momentum=0"],
+     "optim.nesterov=true: needs optim.momentum > 0 and optim.dampening=0 (here momentum=0, "
+     "dampening=0)"),
+    (["optim=adamw", "optim.betas=[0.9,1.0]"], "optim.betas=[0.9, 1.0]: must be two values in [0, 1)"),
+    (["model.hidden_sizes=[0]"], "model.hidden_sizes=[0]: every layer needs at least 1 unit"),
+    (["seed=-1"], "seed=-1: must be >= 0 (numpy takes no negative seeds)"),
+    # A key of another option of the group: say whose it is, never "did you mean <the same key>".
+    (["parallel.timeout_s=0"], "parallel.timeout_s=0: no such key for parallel=single (it is a key "
+                               "of parallel=ddp); fix: add parallel=ddp"),
+    (["optim.betas=[0.9,0.99]"], "optim.betas=[0.9,0.99]: no such key for optim=sgd (it is a key of "
+                                 "optim=adamw); fix: add optim=adamw"),
+    (["model.widths=[8]"], "model.widths=[8]: no such key for model=mlp (it is a key of model=cnn); "
+                           "fix: add model=cnn"),
+    # Hydra applies a launcher to -m only: without it, the job would train here.
+    (["hydra/launcher=slurm", "accum=2"], "hydra/launcher=slurm: a launcher runs multirun jobs only; "
+                                          "fix: add -m (python train.py -m hydra/launcher=slurm "
+                                          "accum=2)"),
 ]
 
 
@@ -62,6 +84,22 @@ def test_bad_input_is_one_clear_line(args, expected, workdir):
     assert "Traceback" not in proc.stdout + proc.stderr
     assert not (workdir / "mlflow.db").exists()  # no run was opened, let alone left RUNNING
     assert not list(workdir.glob("outputs/*/*"))  # no half-made run directory
+
+
+@pytest.mark.parametrize("kind,content", [
+    ("a text file", b"step 1 loss 2.30\nstep 2 loss 2.21\n"),
+    ("a binary file", random.Random(0).randbytes(4096)),
+])
+def test_resuming_from_a_file_that_is_no_checkpoint_is_one_clear_line(kind, content, workdir):
+    (workdir / "notes").write_bytes(content)
+    proc = run_cli("trainer.resume=notes", cwd=workdir)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: trainer.resume=notes: {kind}, not a torch checkpoint file (torch.save output); "
+        "fix: give a checkpoint stepwise wrote (<run dir>/checkpoints/last.pt), a run directory, "
+        "or trainer.resume=auto|none"]
+    assert not (workdir / "mlflow.db").exists()
+    assert not list(workdir.glob("outputs/*/*"))
 
 
 def test_a_crash_marks_the_run_failed(tmp_path, monkeypatch):
