@@ -12,8 +12,14 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from stepwise import cpu_isa
 from stepwise.job import Job, prepare
 from stepwise.main import CONF_DIR
+
+# Tests autocast to bfloat16 and float16 on the CPU in this process: on a CPU that advertises AMX
+# but traps it, oneDNN must be capped before the first torch operation, as `python train.py` does.
+for _dtype in ("bfloat16", "float16"):
+    cpu_isa.guard(_dtype, warn=False)
 
 ROOT = Path(__file__).resolve().parents[1]
 

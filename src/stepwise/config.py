@@ -277,3 +277,49 @@ def register_configs() -> None:
     for group, options in SCHEMAS.items():
         for name, node in options.items():
             cs.store(group=f"schema/{group}", name=name, node=node)
+
+
+def _unknown_keys(node: Any, prefix: str = "") -> list[tuple[str, Any, type]]:
+    """(dotted key, value, schema) for each key of `node` that its dataclass schema lacks."""
+    import dataclasses
+
+    from omegaconf import DictConfig, OmegaConf
+
+    found = []
+    schema = OmegaConf.get_type(node)
+    fields = ({f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema)
+              else None)
+    for key in node.keys():
+        child = node._get_node(key)
+        if fields is not None and key not in fields:
+            found.append((f"{prefix}{key}", child._value(), schema))
+        elif isinstance(child, DictConfig) and not child._is_none():
+            found += _unknown_keys(child, f"{prefix}{key}.")
+    return found
+
+
+def _option_name(group: str, schema: type) -> str:
+    names = [name for name, node in SCHEMAS.get(group, {}).items() if node is schema]
+    return f"{group}={names[0]}" if names else group or "the config"
+
+
+def check_known_keys(cfg: Any) -> None:
+    """Raise a ConfigError for a key that no schema declares (added with `+key=...` or in a YAML
+    file): turning the config into its dataclasses would drop it without a word."""
+    import dataclasses
+    import difflib
+
+    from stepwise.errors import ConfigError
+
+    unknown = _unknown_keys(cfg)
+    if not unknown:
+        return
+    key, value, schema = unknown[0]
+    group, _, name = key.rpartition(".")
+    known = [f.name for f in dataclasses.fields(schema) if not f.name.startswith("_")
+             and f.name != "defaults"]
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    fix = (f"did you mean {group + '.' if group else ''}{close[0]}?" if close else
+           f"remove it; {_option_name(group, schema)} takes {', '.join(known) or 'no keys'}")
+    raise ConfigError(key, value, f"{_option_name(group, schema)} has no such key, and it would "
+                      "be ignored", fix)

@@ -6,14 +6,17 @@ import logging
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from stepwise.config import register_configs
+from stepwise.config import check_known_keys, register_configs
+from stepwise.cpu_isa import guard_run
 from stepwise.errors import ConfigError
+from stepwise.signals import STOP, Stopped
 
 log = logging.getLogger("stepwise")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -23,32 +26,67 @@ register_configs()
 
 def _discard_empty_run_dir(run_dir: Path) -> None:
     """A run stopped by a config error leaves no directory behind, unless it holds real work."""
-    leftovers = {p.name for p in run_dir.iterdir()} - {".hydra", f"{HydraConfig.get().job.name}.log"}
+    from stepwise.rundir import LOCK_FILE
+
+    leftovers = {p.name for p in run_dir.iterdir()} - {".hydra", LOCK_FILE,
+                                                        f"{HydraConfig.get().job.name}.log"}
     if not leftovers:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def run(cfg: DictConfig) -> dict[str, float] | None:
-    """Validate, plan, and (unless `dry_run`) train. Config errors exit 2 with one line."""
+    """Validate, plan, and (unless `dry_run`) train. Config errors exit 2 with one line; a stop
+    signal exits 128 + the signal."""
     from stepwise.dist_env import detect
-    from stepwise.job import prepare
-    from stepwise.sweep import sweep_job
 
+    STOP.install()  # a sweep's jobs (submitit) start here, not in main()
+    started = time.time()
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     env = detect(os.environ)
     if env.rank != 0:  # rank 0 speaks for the job
         logging.getLogger().setLevel(logging.WARNING)
     try:
-        job = prepare(OmegaConf.to_object(cfg), run_dir=run_dir, start_dir=Path.cwd(), env=env,
-                      sweep=sweep_job(hydra_cfg))
+        return _run(cfg, run_dir, env.rank)
+    except Stopped as stop:
+        if env.rank == 0:
+            print(_stopped(stop, run_dir, started), file=sys.stderr)
+        stop.forward()  # e.g. submitit's SIGUSR2 handler, which requeues the job and exits
+        sys.exit(128 + stop.signum)
+
+
+def _stopped(stop: Stopped, run_dir: Path, started: float) -> str:
+    """What a stopped job says: whether it saved a checkpoint (its own, since `started`)."""
+    from stepwise.checkpoint import step_files
+
+    resume = f"run the same command with hydra.run.dir={run_dir} to resume (trainer.resume=auto)"
+    newest = step_files(run_dir / "checkpoints")
+    if newest and newest[0].stat().st_mtime >= started:
+        return (f"stopped by signal {stop.signum} after saving a checkpoint in "
+                f"{run_dir / 'checkpoints'}; {resume}")
+    if newest:
+        return f"stopped by signal {stop.signum} before training went on; {resume}"
+    return f"stopped by signal {stop.signum} before training started"
+
+
+def _run(cfg: DictConfig, run_dir: Path, rank: int) -> dict[str, float] | None:
+    from stepwise.dist_env import detect
+    from stepwise.job import prepare
+    from stepwise.sweep import sweep_job
+
+    config = OmegaConf.to_object(cfg)
+    guard_run(config.trainer.precision, config.trainer.device, warn=rank == 0)
+    try:
+        check_known_keys(cfg)
+        job = prepare(config, run_dir=run_dir, start_dir=Path.cwd(), env=detect(os.environ),
+                      sweep=sweep_job(HydraConfig.get()))
     except ConfigError as err:
-        if env.rank == 0:  # every rank finds the same mistake; one of them says it
+        if rank == 0:  # every rank finds the same mistake; one of them says it
             print(f"error: {err}", file=sys.stderr)
             _discard_empty_run_dir(run_dir)
         sys.exit(2)
 
-    if env.rank == 0:
+    if rank == 0:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         (run_dir / "plan.json").write_text(job.plan.to_json())
         log.info("plan (also in %s):\n%s", run_dir / "plan.json", job.plan.table())
@@ -58,24 +96,20 @@ def run(cfg: DictConfig) -> dict[str, float] | None:
     if job.config.dry_run:
         log.info("dry_run=true: stopping before training")
         return None
+    return _train(job, run_dir, rank)
 
+
+def _train(job, run_dir: Path, rank: int) -> dict[str, float]:
     from stepwise.launch import RanksFailed
     from stepwise.runner import execute
-    from stepwise.trainer import NonFiniteLoss, PlanMismatch, Stopped
+    from stepwise.trainer import NonFiniteLoss, PlanMismatch
 
     try:
-        return execute(job, log_file=str(run_dir / f"{hydra_cfg.job.name}.log"))
+        return execute(job, log_file=str(run_dir / f"{HydraConfig.get().job.name}.log"))
     except ConfigError as err:  # found once the checkpoint to resume from is read
-        if env.rank == 0:
+        if rank == 0:
             print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except Stopped as stop:
-        if env.rank == 0:
-            print(f"stopped by signal {stop.signum} after saving a checkpoint in "
-                  f"{run_dir / 'checkpoints'}; run the same command with "
-                  f"hydra.run.dir={run_dir} to resume (trainer.resume=auto)", file=sys.stderr)
-        stop.forward()  # e.g. submitit's SIGUSR2 handler, which requeues the job and exits
-        sys.exit(128 + stop.signum)
     except (NonFiniteLoss, PlanMismatch) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
@@ -105,11 +139,31 @@ def objective(metrics: dict[str, float], name: str) -> float:
 
 
 def main() -> None:
-    """Run Hydra; report a composition error in one line (exit 2) unless HYDRA_FULL_ERROR is set."""
-    if "RANK" in os.environ or "SLURM_PROCID" in os.environ:  # maybe one rank of several
-        from stepwise.launch import shared_run_dir_overrides
+    """Run Hydra; report a composition error in one line (exit 2) unless HYDRA_FULL_ERROR is set.
 
-        sys.argv += shared_run_dir_overrides(sys.argv[1:], os.environ)
+    A stop signal (SIGTERM, SIGUSR2) at any moment ends the job with exit 128 + the signal."""
+    from stepwise.cli_errors import check_launcher
+
+    if (message := check_launcher(sys.argv[1:])) is not None:  # Hydra would train here instead
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    STOP.install()
+    from stepwise.rundir import publish_none
+
+    try:
+        if "RANK" in os.environ or "SLURM_PROCID" in os.environ:  # maybe one rank of several
+            from stepwise.rundir import rank_overrides
+
+            sys.argv += rank_overrides(sys.argv[1:], os.environ)
+        _main()
+    except Stopped as stop:  # before the job started: nothing exists yet
+        print(f"stopped by signal {stop.signum} before training started", file=sys.stderr)
+        sys.exit(128 + stop.signum)
+    finally:
+        publish_none()  # rank 0 stopped before naming the run directory: the others stop too
+
+
+def _main() -> None:
     if os.environ.get("HYDRA_FULL_ERROR"):
         _hydra_main()
         return

@@ -9,7 +9,6 @@ reopens the checkpoint's run on resume), logs params and artifacts, and sets its
 from __future__ import annotations
 
 import logging
-import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -21,12 +20,11 @@ from stepwise.distributed import Replica, resolve_device, start_replica, stop_re
 from stepwise.job import Job, adapted_optimizer_args, run_params
 from stepwise.loaders import make_loaders
 from stepwise.precision import Precision, compile_model, param_dtype, set_tf32, to_memory_format
+from stepwise.signals import STOP, Stopped
 from stepwise.tracking import MlflowTracker, NullTracker, default_tracking_uri
-from stepwise.trainer import Stopped, StopRequest, Trainer
+from stepwise.trainer import Trainer
 
 log = logging.getLogger(__name__)
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)  # SIGUSR2: submitit's "time is nearly up"
 
 
 def resume_state(job: Job) -> dict[str, Any] | None:
@@ -84,23 +82,17 @@ def _progress(job: Job, replica: Replica, done: int):
                 unit="step", disable=None)
 
 
-def catch_stop_signals() -> StopRequest:
-    """SIGTERM and SIGUSR2 ask the loop to finish its step, checkpoint and stop."""
-    request = StopRequest()
-
-    def handler(signum: int, frame: Any) -> None:
-        request.signum = signum
-
-    for signum in STOP_SIGNALS:
-        request.previous[signum] = signal.signal(signum, handler)
-    return request
-
-
 def owning_run(job: Job, body: Callable[[Any], Any], resumed: dict[str, Any] | None):
-    """Open (or reopen) the MLflow run, call `body(tracker)`, and close the run as it ended."""
-    tracker = open_run(job, resumed)
+    """Open (or reopen) the MLflow run, call `body(tracker)`, and close the run as it ended.
+
+    A stop signal that arrives while the run is being opened or closed is honoured once it is
+    open (KILLED), or ignored once it is closed (the job is over): never a run left RUNNING.
+    """
+    with STOP.deferred():
+        tracker = open_run(job, resumed)
     status = "FAILED"
     try:
+        STOP.raise_pending()
         result = body(tracker)
         status = "FINISHED"
         return result
@@ -108,7 +100,8 @@ def owning_run(job: Job, body: Callable[[Any], Any], resumed: dict[str, Any] | N
         status = "KILLED"
         raise
     finally:
-        tracker.finish(status)
+        with STOP.deferred():
+            tracker.finish(status)
 
 
 def execute(job: Job, log_file: str | None = None) -> dict[str, float]:
@@ -131,8 +124,10 @@ def execute(job: Job, log_file: str | None = None) -> dict[str, float]:
                                 resumed)
         else:
             result = train(job, replica, NullTracker(), resumed)
-    except Stopped:
-        stop_replica(replica)  # every rank stopped at the same step: they leave together
+    except Stopped as stop:
+        # After a checkpoint every rank stopped at the same step and they leave together; a
+        # signal during start-up found each rank somewhere else: leave without a collective.
+        stop_replica(replica, failed=not stop.checkpointed)
         raise
     except BaseException:
         stop_replica(replica, failed=True)
@@ -141,8 +136,7 @@ def execute(job: Job, log_file: str | None = None) -> dict[str, float]:
     return result
 
 
-def build_trainer(job: Job, replica: Replica, tracker, stop_request: StopRequest | None = None
-                  ) -> Trainer:
+def build_trainer(job: Job, replica: Replica, tracker) -> Trainer:
     """Build the model, optimizer, scheduler and loaders from the config, seeded by `seed`."""
     cfg, plan, trainer_cfg = job.config, job.plan, job.config.trainer
     dtype = param_dtype(trainer_cfg.precision)
@@ -168,7 +162,7 @@ def build_trainer(job: Job, replica: Replica, tracker, stop_request: StopRequest
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         val_every_n_epochs=cfg.trainer.val_every_n_epochs, on_nonfinite=cfg.trainer.on_nonfinite,
         checkpoint_every_n_steps=cfg.trainer.checkpoint_every_n_steps,
-        save=checkpoint_saver(job, tracker), stop_request=stop_request,
+        save=checkpoint_saver(job, tracker),
         precision=Precision(trainer_cfg.precision, replica.device),
         channels_last=trainer_cfg.channels_last,
     )
@@ -194,21 +188,26 @@ def checkpoint_saver(job: Job, tracker) -> Callable[[Trainer], None]:
 
 def train(job: Job, replica: Replica, tracker, resumed: dict[str, Any] | None = None
           ) -> dict[str, float]:
-    """Fit from scratch or from `resumed`, and write the final checkpoint."""
-    stop_request = catch_stop_signals()
-    trainer = build_trainer(job, replica, tracker, stop_request)
+    """Fit from scratch or from `resumed`, and write the final checkpoint.
+
+    From the first step on, a stop signal is recorded and honoured after the step it arrives in;
+    one that arrives after the last step changes nothing (the run is complete).
+    """
+    STOP.install()
+    trainer = build_trainer(job, replica, tracker)
     if resumed is not None:
         trainer.load_state_dict(resumed)
         log.info("resumed from %s at global_step %d (epoch %d, step %d of it)", job.resume_from,
                  trainer.counters.global_step, trainer.counters.epoch,
                  trainer.counters.step_in_epoch)
     trainer.progress = _progress(job, replica, trainer.counters.global_step)
-    try:
-        metrics = trainer.fit()
-    finally:
-        trainer.progress.close()
-        tracker.flush()
-    trainer.save(trainer)
+    with STOP.deferred():
+        try:
+            metrics = trainer.fit()
+        finally:
+            trainer.progress.close()
+            tracker.flush()
+        trainer.save(trainer)
     if replica.is_main:
         log.info("done: %s", ", ".join(f"{k}={v:.6g}" for k, v in metrics.items()))
     return metrics

@@ -7,7 +7,6 @@ import math
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -16,6 +15,7 @@ from torch.nn import functional as F
 from stepwise.distributed import Replica
 from stepwise.plan import Plan, Window
 from stepwise.precision import Precision, inputs_memory_format
+from stepwise.signals import STOP, Stopped, StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -42,33 +42,6 @@ class PlanMismatch(RuntimeError):
 
 class NonFiniteLoss(RuntimeError):
     """`trainer.on_nonfinite=stop` and a window's loss was NaN or infinite."""
-
-
-class Stopped(Exception):
-    """A stop signal (SIGTERM, SIGUSR2) was honoured: the step finished and a checkpoint was saved."""
-
-    def __init__(self, signum: int, request: StopRequest | None = None) -> None:
-        super().__init__(f"stopped by signal {signum} after checkpointing")
-        self.signum, self.request = signum, request
-
-    def forward(self) -> None:
-        """Once the run is closed: give the signal to the handler ours replaced, if any."""
-        if self.request is not None:
-            self.request.forward()
-
-
-class StopRequest:
-    """Set from a signal handler; read by the loop after each optimizer step."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self.previous: dict[int, Any] = {}  # the handlers ours replaced
-
-    def forward(self) -> None:
-        """Hand the signal to the handler that was there before ours (submitit's requeue)."""
-        handler = self.previous.get(self.signum)
-        if callable(handler):
-            handler(self.signum, None)
 
 
 @dataclass
@@ -111,7 +84,7 @@ class Trainer:
                  val_every_n_epochs: int = 1, on_nonfinite: str = "stop",
                  checkpoint_every_n_steps: int = 0,
                  save: Callable[[Trainer], None] | None = None,
-                 stop_request: StopRequest | None = None, precision: Precision | None = None,
+                 stop_signals: StopSignals = STOP, precision: Precision | None = None,
                  channels_last: bool = False) -> None:
         self.model, self.optimizer, self.scheduler, self.plan = model, optimizer, scheduler, plan
         self.task, self.loss_fn, self.mean_loss = task, per_sample_loss(task), mean_loss(task)
@@ -121,7 +94,7 @@ class Trainer:
         self.log_every_n_steps, self.val_every_n_epochs = log_every_n_steps, val_every_n_epochs
         self.on_nonfinite, self.checkpoint_every_n_steps = on_nonfinite, checkpoint_every_n_steps
         self.save = save or (lambda trainer: None)
-        self.stop_request = stop_request or StopRequest()
+        self.stop_signals = stop_signals
         self.precision = precision or Precision("32", replica.device)
         self.channels_last = channels_last
         self.stop_vote = replica.lagged_max()  # a signal on any rank stops all, one step later
@@ -202,8 +175,9 @@ class Trainer:
         self.counters.global_step = step
         self.counters.micro_steps += len(batches)
         self.counters.samples_seen += window.samples
-        self._log_step(shares, lr)
-        return self.stop_vote.exchange(self.stop_request.signum)
+        stop = self.stop_vote.exchange(self.stop_signals.signum)
+        self._log_step(shares, lr, force=bool(stop))  # a stopped run shows its last step
+        return stop
 
     def _accumulate(self, batches: list[Batch], window: Window) -> torch.Tensor:
         """Forward/backward every micro-step; DDP all-reduces on the last one only.
@@ -265,12 +239,12 @@ class Trainer:
             self.check_losses()  # never checkpoint weights that a non-finite step has spoilt
             self.save(self)
         if stop:
-            raise Stopped(stop, self.stop_request)
+            raise Stopped(stop, checkpointed=True)
 
-    def _log_step(self, shares: torch.Tensor, lr: float) -> None:
+    def _log_step(self, shares: torch.Tensor, lr: float, force: bool = False) -> None:
         step = self.counters.global_step
         self.progress.update(1)
-        if step % self.log_every_n_steps and step != self.plan.total_optimizer_steps:
+        if step % self.log_every_n_steps and step != self.plan.total_optimizer_steps and not force:
             return
         if self.unchecked and self.unchecked[-1][0] == step:
             loss = self.check_losses()

@@ -47,13 +47,22 @@ def test_srun_two_tasks_is_one_ddp_job(workdir):
     proc = _srun(workdir, "parallel=ddp", "trainer.max_epochs=1", "trainer.progress_bar=false")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run_dirs = [p.parent for p in workdir.glob("outputs/**/.hydra")]
-    assert len(run_dirs) == 1 and run_dirs[0].parent.name == "slurm", run_dirs
+    assert len(run_dirs) == 1, run_dirs  # Hydra's outputs/<date>/<time>, as rank 0 resolved it
     assert (run_dirs[0] / "checkpoints" / "last.pt").exists()
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     [run] = client.search_runs([client.get_experiment_by_name("stepwise").experiment_id])
     assert run.info.status == "FINISHED"
     assert (run.data.params["world_size"], run.data.params["effective_batch_size"]) == ("2", "64")
     assert run.data.metrics["global_step"] == 23
+
+
+def test_srun_tasks_share_a_run_dir_named_with_now(workdir):
+    """Each task evaluating ${now:...} (microseconds) itself would make two directories."""
+    proc = _srun(workdir, "parallel=ddp", "trainer.max_steps=3", "trainer.progress_bar=false",
+                 "hydra.run.dir=out/${now:%H-%M-%S-%f}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [run_dir] = list((workdir / "out").iterdir())
+    assert (run_dir / ".hydra").is_dir() and (run_dir / "checkpoints" / "last.pt").exists()
 
 
 def test_more_processes_than_the_allocation_is_refused(workdir):
