@@ -71,7 +71,7 @@ def one_step_fits(job: Job, device: torch.device, size: int) -> bool:
         precision.backward(loss)
         precision.step(optimizer)
         del x, y, model, optimizer, loss
-    except torch.OutOfMemoryError:
+    except getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError):  # torch < 2.4
         fitted = False  # leave the except block first: its traceback holds the tensors
     if not fitted:
         gc.collect()

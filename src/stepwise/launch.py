@@ -37,14 +37,16 @@ def spawn(job: Job, tracker, log_file: str | None) -> dict[str, float]:
         rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", rdzv_configs={"timeout": timeout},
         max_restarts=0, monitor_interval=0.1, start_method="spawn",
         # SIGTERM/SIGUSR2 reach the workers, which finish their step and checkpoint meanwhile.
-        signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2",
-        **_supported(LaunchConfig, shutdown_timeout=timeout),  # torch >= 2.12
+        **_supported(LaunchConfig, shutdown_timeout=timeout,  # torch >= 2.12
+                     signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2"),  # torch >= 2.10
     )
     log.info("spawning %d DDP workers (world_size=%d)", job.nproc, job.plan.world_size)
     run_id = getattr(tracker, "run_id", None)
     uri = getattr(tracker, "tracking_uri", None)
     # The launcher replaces the handlers of the signals it forwards, and does not put them back.
     handlers = {signum: signal.getsignal(signum) for signum in (*STOP_SIGNALS, signal.SIGINT)}
+    if "signals_to_handle" not in _supported(LaunchConfig, signals_to_handle=None):  # torch < 2.10
+        signal.signal(signal.SIGUSR2, _raise_signal_exception)  # what >= 2.10 does for SIGUSR2
     try:
         results = elastic_launch(config, _worker)(job, run_id, uri, log_file)
     except ChildFailedError as err:
@@ -63,6 +65,12 @@ def spawn(job: Job, tracker, log_file: str | None) -> dict[str, float]:
     steps = [int(results[rank]["global_step"]) for rank in sorted(results)]
     log.info("global_step on each rank: %s (plan: %d)", steps, job.plan.total_optimizer_steps)
     return results[0]
+
+
+def _raise_signal_exception(signum: int, frame) -> None:
+    """The elastic launcher's own handler: it stops the workers with this signal and re-raises."""
+    raise SignalException(f"Process {os.getpid()} got signal: {signum}",
+                          sigval=signal.Signals(signum))
 
 
 def _supported(cls, **options):

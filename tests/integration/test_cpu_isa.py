@@ -27,8 +27,9 @@ def trapping_env(tmp_path_factory) -> dict[str, str]:
     if "amx_tile" not in cpu_isa._cpu_flags():
         pytest.skip("this CPU has no AMX: there is nothing to trap")
     compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        pytest.fail("a C compiler is needed to build the AMX trap (apt-get install gcc)")
+    if compiler is None:  # .ci/run installs one: CI must run these tests, not skip them
+        (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)(
+            "a C compiler is needed to build the AMX trap (apt-get install gcc)")
     build = tmp_path_factory.mktemp("amx")
     library = build / "fake_amx_perm.so"
     subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(library),

@@ -71,13 +71,14 @@ def test_ddp_factorings_end_with_the_single_process_weights(workdir):
 
 
 def _count_allreduce_rounds(rank: int, tmp: str, sync_every: bool, queue) -> None:
-    os.environ.update(DistEnv(source="torchrun", rank=rank, local_rank=rank, world_size=2,
-                              local_world_size=2, master_port=int(Path(tmp, "port").read_text())
-                              ).torch_env())
+    # The free port the test chose, for both: start_replica exports env's MASTER_PORT again.
+    env = DistEnv(source="torchrun", rank=rank, local_rank=rank, world_size=2, local_world_size=2,
+                  master_port=int(Path(tmp, "port").read_text()))
+    os.environ.update(env.torch_env())
     job = prepare_job(Path(tmp) / f"r{rank}", "parallel=ddp", "parallel.nproc=2", "logger=none",
                       "data.batch_size=16", "accum=8", "trainer.max_steps=4",
                       "trainer.progress_bar=false")
-    replica = start_replica(job.config.parallel, "cpu", DistEnv("torchrun", rank, rank, 2, 2))
+    replica = start_replica(job.config.parallel, "cpu", env)
     replica.sync_every_micro_step = sync_every
     trainer = build_trainer(job, replica, NullTracker())
     rounds = []

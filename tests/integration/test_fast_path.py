@@ -37,7 +37,7 @@ def test_bf16_autocasts_the_forward_and_keeps_float32_weights(tmp_path):
     for precision in ("32", "bf16"):
         trainer, _ = _steps(tmp_path, precision, 20)
         seen = []
-        trainer.model[0].register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+        trainer.model[0].register_forward_hook(lambda m, i, out, seen=seen: seen.append(out.dtype))
         metrics = trainer.fit()
         assert seen and set(seen) == {torch.bfloat16 if precision == "bf16" else torch.float32}
         assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
