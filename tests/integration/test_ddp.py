@@ -141,7 +141,7 @@ def test_parallel_ddp_accum_8_is_one_job(workdir):
 def test_torchrun_makes_one_run_dir_and_one_mlflow_run(workdir):
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
-    proc = subprocess.run([str(torchrun), "--nproc_per_node=2", str(ROOT / "train.py"),
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
                            "parallel=ddp", "trainer.max_epochs=1"], cwd=workdir, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -120,7 +120,7 @@ def test_auto_batch_size_ranks_agree_on_the_smallest(workdir):
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
     env.update(OOM_ABOVE_RANK0="32", OOM_ABOVE_RANK1="8", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([str(torchrun), "--nproc_per_node=2", str(ROOT / "train.py"),
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
                            "parallel=ddp", *EXACT, "data.batch_size=auto",
                            "effective_batch_size=64", "logger=none", "hydra.run.dir=outputs/ddp",
                            "model._target_=tests.fixtures.MemoryCappedMLP"],

@@ -25,7 +25,7 @@ def _env() -> dict[str, str]:
 
 def _torchrun(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     torchrun = Path(sys.executable).with_name("torchrun")
-    return subprocess.run([str(torchrun), "--nproc_per_node=2", str(ROOT / "train.py"),
+    return subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
                            "parallel=ddp", "trainer.max_steps=3", "trainer.progress_bar=false",
                            *args], cwd=workdir, env=_env(), capture_output=True, text=True,
                           timeout=300)
