@@ -47,12 +47,16 @@ def run(cfg: DictConfig) -> dict[str, float] | None:
     if env.rank != 0:  # rank 0 speaks for the job
         logging.getLogger().setLevel(logging.WARNING)
     try:
+        STOP.start_job()
         return _run(cfg, run_dir, env.rank)
     except Stopped as stop:
+        STOP.end_job()
         if env.rank == 0:
             print(_stopped(stop, run_dir, started), file=sys.stderr)
         stop.forward()  # e.g. submitit's SIGUSR2 handler, which requeues the job and exits
         sys.exit(128 + stop.signum)
+    finally:
+        STOP.end_job()
 
 
 def _stopped(stop: Stopped, run_dir: Path, started: float) -> str:

@@ -61,7 +61,7 @@ def torchvision_model(input_shape: tuple[int, ...], num_outputs: int, name: str,
     """Any classification builder of `torchvision.models` (`resnet18`, `mobilenet_v3_small`, ...)
     with `num_outputs` classes; a first convolution made for other than 3 input channels.
 
-    `num_classes` and `in_channels` follow the data; when set, `job.check_model` has checked that
+    `num_classes` and `in_channels` follow the data; when set, `probe.check_model` has checked that
     they agree with it.
     """
     from stepwise.vision import torchvision

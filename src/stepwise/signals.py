@@ -56,9 +56,20 @@ class StopSignals:
             self.previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-        if not self.deferring:
+        first, self.signum = not self.signum, signum
+        # Only the first signal raises: a later one (SLURM's SIGTERM while submitit requeues a
+        # job stopped by SIGUSR2, say) must not break the stop already under way, nor exit code.
+        if first and not self.deferring:
             raise Stopped(signum)
+
+    def start_job(self) -> None:
+        """A job starts in this process: signals raise until the loop defers them."""
+        self.deferring = False
+        self.raise_pending()
+
+    def end_job(self) -> None:
+        """The job is over (however it ended): what is left of the process is only its exit."""
+        self.deferring = True
 
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:

@@ -88,16 +88,20 @@ def test_a_second_live_job_in_the_same_run_dir_stops_before_any_work(workdir):
 
 
 def test_the_lock_dies_with_a_killed_job(workdir):
-    """SIGKILL (no handler runs): the resumed job finds the directory free and continues."""
-    job = ("trainer.max_epochs=1000", "trainer.progress_bar=false",
-           "trainer.checkpoint_every_n_steps=5", "hydra.run.dir=outputs/r")
+    """SIGKILL (no handler runs): the resumed job finds the directory free and continues. 4 ms per
+    forward keeps the 90 steps (2 epochs) running well past the first checkpoint."""
+    job = ("trainer.max_epochs=2", "model._target_=tests.fixtures.SlowMLP",
+           "trainer.progress_bar=false", "trainer.checkpoint_every_n_steps=5",
+           "hydra.run.dir=outputs/r")
+    env = {**_env(), "PYTHONPATH": str(ROOT)}
     first = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *job], cwd=workdir,
-                             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not step_files(workdir / "outputs" / "r" / "checkpoints"):
         assert first.poll() is None
         time.sleep(0.05)
     first.kill()
     first.wait()
-    proc = run_cli(*job[1:], "trainer.max_steps=12", cwd=workdir)
+    proc = run_cli(*job, cwd=workdir, env={"PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
     assert "resumed from" in proc.stdout + proc.stderr
+    assert load_checkpoint(workdir / "outputs" / "r" / "checkpoints" / "last.pt")["global_step"] == 90
