@@ -12,7 +12,7 @@ from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 
 from stepwise.job import Job
-from stepwise.signals import STOP, STOP_SIGNALS, Stopped
+from stepwise.signals import STOP, STOP_SIGNALS, Stopped, stop_in
 
 log = logging.getLogger(__name__)
 
@@ -96,23 +96,26 @@ def _worker(job: Job, run_id: str | None, tracking_uri: str | None,
     _configure_logging(env.rank, log_file)
     try:
         replica = start_replica(job.config.parallel, job.config.trainer.device, env)
-    except Stopped as stop:
+    except BaseException as err:
+        if (stop := stop_in(err)) is None:
+            raise
         os._exit(128 + stop.signum)  # stopped while joining the group: nothing to leave
     try:
         tracker = NullTracker()
         if replica.is_main and run_id is not None:
             tracker = MlflowTracker(tracking_uri, job.config.logger.experiment_name, run_id=run_id)
         result = train(job, replica, tracker, resume_state(job))
-    except Stopped as stop:
+    except BaseException as err:
+        stop = stop_in(err)
+        # After a checkpoint every rank is at the same step and they leave the group together;
+        # otherwise each rank is somewhere else: leave without a collective.
+        stop_replica(replica, failed=stop is None or not stop.checkpointed)
+        if stop is None:
+            raise
         # Leave now: a returning elastic worker would wait for its launcher to collect the
-        # result, while the launcher, shutting down, waits for it to exit. After a checkpoint
-        # every rank is at the same step and they leave the group together.
-        stop_replica(replica, failed=not stop.checkpointed)
+        # result, while the launcher, shutting down, waits for it to exit.
         logging.shutdown()
         os._exit(128 + stop.signum)
-    except BaseException:
-        stop_replica(replica, failed=True)
-        raise
     stop_replica(replica)
     return result
 

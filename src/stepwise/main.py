@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from stepwise.config import check_known_keys, register_configs
 from stepwise.cpu_isa import guard_run
 from stepwise.errors import ConfigError
-from stepwise.signals import STOP, Stopped
+from stepwise.signals import STOP, Stopped, stop_in
 
 log = logging.getLogger("stepwise")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -49,8 +49,10 @@ def run(cfg: DictConfig) -> dict[str, float] | None:
     try:
         STOP.start_job()
         return _run(cfg, run_dir, env.rank)
-    except Stopped as stop:
+    except BaseException as err:
         STOP.end_job()
+        if isinstance(err, (SystemExit, KeyboardInterrupt)) or (stop := stop_in(err)) is None:
+            raise
         if env.rank == 0:
             print(_stopped(stop, run_dir, started), file=sys.stderr)
         stop.forward()  # e.g. submitit's SIGUSR2 handler, which requeues the job and exits
@@ -160,7 +162,9 @@ def main() -> None:
 
             sys.argv += rank_overrides(sys.argv[1:], os.environ)
         _main()
-    except Stopped as stop:  # before the job started: nothing exists yet
+    except BaseException as err:  # a stop before the job started: nothing exists yet
+        if isinstance(err, (SystemExit, KeyboardInterrupt)) or (stop := stop_in(err)) is None:
+            raise
         print(f"stopped by signal {stop.signum} before training started", file=sys.stderr)
         sys.exit(128 + stop.signum)
     finally:

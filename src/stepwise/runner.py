@@ -20,7 +20,7 @@ from stepwise.distributed import Replica, resolve_device, start_replica, stop_re
 from stepwise.job import Job, adapted_optimizer_args, run_params
 from stepwise.loaders import make_loaders
 from stepwise.precision import Precision, compile_model, param_dtype, set_tf32, to_memory_format
-from stepwise.signals import STOP, Stopped
+from stepwise.signals import STOP, stop_in
 from stepwise.tracking import MlflowTracker, NullTracker, default_tracking_uri
 from stepwise.trainer import Trainer
 
@@ -96,8 +96,9 @@ def owning_run(job: Job, body: Callable[[Any], Any], resumed: dict[str, Any] | N
         result = body(tracker)
         status = "FINISHED"
         return result
-    except (KeyboardInterrupt, Stopped):
-        status = "KILLED"
+    except BaseException as err:
+        if isinstance(err, KeyboardInterrupt) or stop_in(err) is not None:
+            status = "KILLED"
         raise
     finally:
         with STOP.deferred():
@@ -124,13 +125,12 @@ def execute(job: Job, log_file: str | None = None) -> dict[str, float]:
                                 resumed)
         else:
             result = train(job, replica, NullTracker(), resumed)
-    except Stopped as stop:
-        # After a checkpoint every rank stopped at the same step and they leave together; a
-        # signal during start-up found each rank somewhere else: leave without a collective.
-        stop_replica(replica, failed=not stop.checkpointed)
-        raise
-    except BaseException:
-        stop_replica(replica, failed=True)
+    except BaseException as err:
+        # After a checkpoint every rank stopped at the same step and they leave together; after
+        # a failure, or a signal during start-up, each rank is somewhere else: leave without a
+        # collective.
+        stop = stop_in(err)
+        stop_replica(replica, failed=stop is None or not stop.checkpointed)
         raise
     stop_replica(replica)
     return result

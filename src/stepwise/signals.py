@@ -40,6 +40,19 @@ class Stopped(BaseException):
             handler(self.signum, None)
 
 
+def stop_in(err: BaseException) -> Stopped | None:
+    """The Stopped that `err` is, or that caused it. A signal raised asynchronously can land in
+    code that wraps whatever it raises: Python 3.11's class creation, for one, turns an exception
+    in `__set_name__` (dataclasses, during an import) into a RuntimeError caused by it."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, Stopped):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 class StopSignals:
     """This process's stop signals: raised at once, or recorded inside `deferred()`."""
 

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from stepwise.signals import STOP_SIGNALS, Stopped, StopSignals
+from stepwise.signals import STOP_SIGNALS, Stopped, StopSignals, stop_in
 
 
 @pytest.fixture
@@ -43,3 +43,18 @@ def test_nothing_raises_once_the_job_is_over(stops):
     stops.end_job()
     os.kill(os.getpid(), signal.SIGTERM)
     assert stops.signum == signal.SIGTERM
+
+
+def test_a_stop_wrapped_by_the_code_it_landed_in_is_still_a_stop():
+    """What CI met: SIGTERM arrived while an import created a dataclass, and class creation
+    wrapped the exception raised in `__set_name__` (Python 3.11: a RuntimeError caused by it)."""
+
+    class Descriptor:
+        def __set_name__(self, owner, name):
+            raise Stopped(signal.SIGTERM)
+
+    with pytest.raises(BaseException) as caught:
+        type("Model", (), {"field": Descriptor()})
+    stop = stop_in(caught.value)
+    assert stop is not None and stop.signum == signal.SIGTERM
+    assert stop_in(RuntimeError("a real failure")) is None
