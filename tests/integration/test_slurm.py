@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -78,16 +79,22 @@ def test_more_processes_than_the_allocation_is_refused(workdir):
 @contextlib.contextmanager
 def _start_requeued_jobs_now():
     """slurmctld holds a requeued job back for about two minutes before it may start again; the
-    cluster's operator (this test) lets it start at once, so the test does not wait for nothing."""
+    cluster's operator (this test) lets it start sooner, so the test does not wait for nothing.
+    Not at once: a job released in the second its previous instance is being cancelled was
+    started and failed at once (seen under load), so a job must have been pending for longer than
+    the cluster's KillWait (5 s) before it is released."""
     done = threading.Event()
 
     def release() -> None:
+        pending_since: dict[str, float] = {}
         while not done.wait(1.0):
             pending = subprocess.run(["squeue", "-h", "-t", "PD", "-o", "%i"],
                                      capture_output=True, text=True).stdout.split()
-            for job_id in pending:
-                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
-                               capture_output=True)
+            pending_since = {job: pending_since.get(job, time.monotonic()) for job in pending}
+            for job_id, since in pending_since.items():
+                if time.monotonic() - since > 8:
+                    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
+                                   capture_output=True)
 
     thread = threading.Thread(target=release, daemon=True)
     thread.start()
