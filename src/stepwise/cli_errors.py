@@ -141,7 +141,7 @@ def one_line(err: Exception, argv: Sequence[str]) -> str | None:
             return None
         group, option = found.groups()
         options = list(err.options or re.findall(r"^\t(\S+)$", str(err), flags=re.M))
-        return (f"{group}={option}: no such option in conf/{group}/; "
+        return (f"{group}={option}: no such {group} option; "
                 f"fix: use one of {', '.join(options)}")
     if isinstance(err, OverrideParseException):
         reason = str(err).splitlines()[0]

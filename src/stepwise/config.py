@@ -1,5 +1,5 @@
 """Structured-config schemas, registered in Hydra's ConfigStore so that typos and wrong types fail
-at composition. Each YAML option under `conf/` names its schema in its defaults list.
+at composition. Each YAML option under `stepwise/conf/` names its schema in its defaults list.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from stepwise.errors import ConfigError
 from stepwise.signals import STOP, Stopped, stop_in
 
 log = logging.getLogger("stepwise")
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # inside the package: a wheel carries it
 
 register_configs()
 

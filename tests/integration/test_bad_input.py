@@ -23,7 +23,7 @@ CASES = [
     (["trainer.max_steps=0"], "trainer.max_steps=0: must be a positive number"),
     (["trainer.max_epochs=-1"], "trainer.max_epochs=-1: no budget"),
     (["lr_scaling.rule=cubic"], "lr_scaling.rule=cubic: unknown rule; fix: use one of none, linear, sqrt"),
-    (["lr_scaling=cubic"], "lr_scaling=cubic: no such option in conf/lr_scaling/"),
+    (["lr_scaling=cubic"], "lr_scaling=cubic: no such lr_scaling option"),
     (["optim.lr=-0.1"], "optim.lr=-0.1: must be positive"),
     (["trainer.max_step=3"], "trainer.max_step=3: no such key; fix: did you mean trainer.max_steps?"),
     (["trainer.partial_window=keep"], "trainer.partial_window=keep: unknown policy"),
@@ -37,7 +37,7 @@ CASES = [
      "accum=2: is chosen by data.batch_size=auto"),
     (["data.batch_size=big"], "data.batch_size=big: must be a positive integer or auto"),
     (["trainer.channels_last=true"], "trainer.channels_last=true: data=digits gives vectors"),
-    (["schedule=step"], "schedule=step: no such option in conf/schedule/"),
+    (["schedule=step"], "schedule=step: no such schedule option"),
     (["schedule.name=step"], "schedule.name=step: unknown schedule"),
     (["lr_scaling.base_batch_size=0"], "lr_scaling.base_batch_size=0: must be positive"),
     (["schedule.warmup=20"], "schedule.warmup=20.0: warmup of 28760 samples is longer than the "
