@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from stepwise.dist_env import DistEnv
 from stepwise.distributed import start_replica, stop_replica
 from stepwise.job import prepare
-from stepwise.runner import build_trainer
+from stepwise.build import build_trainer
 from stepwise.tracking import NullTracker
 
 OVERRIDES = ["parallel=ddp", "parallel.nproc=2", "logger=none", "data=synthetic",

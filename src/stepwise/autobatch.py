@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from stepwise.errors import ConfigError
-from stepwise.job import Job, adapted_optimizer_args, plan_for
+from stepwise.job import Job, plan_for
 
 log = logging.getLogger(__name__)
 
@@ -45,32 +45,32 @@ def largest_fitting(sizes: list[int], fits: Callable[[int], bool]) -> tuple[int,
 
 def one_step_fits(job: Job, device: torch.device, size: int) -> bool:
     """Whether one optimizer step at a per-device batch of `size` runs without out-of-memory."""
-    from hydra.utils import instantiate
-
+    from stepwise.batches import call_model, to_device
+    from stepwise.build import build_loss, build_model, build_optimizer
+    from stepwise.loaders import fetch
+    from stepwise.losses import item_mask, masked_sum, per_sample
     from stepwise.precision import Precision, inputs_memory_format, param_dtype, to_memory_format
-    from stepwise.trainer import per_sample_loss
 
-    cfg, tree = job.config, job.config_dict()
+    cfg = job.config
     dtype = param_dtype(cfg.trainer.precision)
-    dataset = job.data.train_set(dtype, cfg.seed)
-    keys = [i % job.data.train_samples for i in range(size)]
-    if getattr(dataset, "keys_with_epoch", False):
-        keys = [(0, i) for i in keys]
     precision = Precision(cfg.trainer.precision, device)
+    loss_fn = build_loss(cfg, job.data)
     fitted = True
     try:
-        x, y = dataset.__getitems__(keys)
-        x = inputs_memory_format(x.to(device), cfg.trainer.channels_last)
-        model = instantiate(tree["model"], input_shape=job.data.input_shape,
-                            num_outputs=job.data.num_outputs).to(dtype)
+        inputs, target = to_device(fetch(job.data, dtype, cfg.seed,
+                                         [i % job.data.train_samples for i in range(size)]), device)
+        if isinstance(inputs, torch.Tensor):
+            inputs = inputs_memory_format(inputs, cfg.trainer.channels_last)
+        model = build_model(cfg, job.data).to(dtype)
         model = to_memory_format(model.to(device), cfg.trainer.channels_last).train()
-        optimizer = instantiate(tree["optim"])(model.parameters(),
-                                               **adapted_optimizer_args(cfg, job.plan))
+        optimizer = build_optimizer(cfg, job.plan, model.parameters())
         with precision.autocast():
-            loss = per_sample_loss(job.data.task)(model(x), y.to(device)).mean()
+            values = loss_fn(call_model(model, inputs), target)
+            mask = item_mask(loss_fn, target)
+            loss = per_sample(values).mean() if mask is None else masked_sum(values, mask, size)
         precision.backward(loss)
         precision.step(optimizer)
-        del x, y, model, optimizer, loss
+        del inputs, target, model, optimizer, values, loss
     except getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError):  # torch < 2.4
         fitted = False  # leave the except block first: its traceback holds the tensors
     if not fitted:

@@ -12,6 +12,7 @@ import os
 import re
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -159,3 +160,21 @@ def latest_valid(directory: Path) -> tuple[Path, dict[str, Any]] | None:
         except CheckpointError as err:
             log.warning("skipping damaged checkpoint %s; trying the previous one", err)
     return None
+
+
+def checkpoint_saver(job, tracker) -> Callable:
+    """Save a checkpoint (every rank gathers; rank 0 writes); metrics logged so far are flushed
+    first, so that a resume from it logs nothing twice."""
+
+    def save(trainer) -> None:
+        state = trainer.state_dict()
+        if not trainer.replica.is_main:
+            return
+        tracker.flush()
+        state.update(epoch=trainer.counters.epoch, samples_seen=trainer.counters.samples_seen,
+                     plan=job.plan.to_dict(), config=job.config_dict(),
+                     mlflow_run_id=tracker.run_id)
+        path = publish(job.run_dir / "checkpoints", state, job.config.trainer.keep_checkpoints)
+        log.info("checkpoint at global_step %d: %s", trainer.counters.global_step, path)
+
+    return save

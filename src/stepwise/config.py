@@ -124,6 +124,33 @@ class TorchvisionDataConfig(ImageDataConfig):
     download: bool = False
 
 
+@dataclass
+class DatasetConfig(DataConfig):
+    """Any map-style torch Datasets by `_target_` (see stepwise/datasets.py); also the schema
+    a user's own data group gets when it names none."""
+
+    _target_: str = "stepwise.datasets.datasets"
+    train: Any = MISSING  # {_target_: mypkg.data.MyDataset, ...}
+    val: Any = None
+    collate_fn: Any = None  # {_target_: mypkg.data.collate, _partial_: true}
+    num_outputs: int | None = None  # null: the train dataset's `num_classes` attribute, if any
+    task: str = "classification"  # chooses the default loss and metrics
+    target_key: str = "target"  # the target's key in a mapping batch
+
+
+# -- loss -------------------------------------------------------------------------------------
+@dataclass
+class CrossEntropyConfig:
+    _target_: str = "stepwise.losses.CrossEntropy"
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class MSEConfig:
+    _target_: str = "stepwise.losses.MSE"
+
+
 # -- parallelism, optimisation, training ------------------------------------------------------
 @dataclass
 class ParallelConfig:
@@ -235,6 +262,9 @@ class Config:
     data: Any = MISSING
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: Any = MISSING
+    # null: chosen by the data's task (cross_entropy and accuracy, or mse and no metric).
+    loss: Any = None
+    metrics: Any = None  # {name: {_target_: a torchmetrics Metric}}, logged as val/<name>
     lr_scaling: LRScalingConfig = field(default_factory=LRScalingConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -253,7 +283,9 @@ SCHEMAS = {
               "torchvision": TorchvisionModelConfig},
     "data": {"digits": DigitsConfig, "synthetic": SyntheticConfig, "linreg": LinRegConfig,
              "fake": FakeDataConfig, "imagefolder": ImageFolderConfig,
-             "mnist": TorchvisionDataConfig, "cifar10": TorchvisionDataConfig},
+             "mnist": TorchvisionDataConfig, "cifar10": TorchvisionDataConfig,
+             "dataset": DatasetConfig},
+    "loss": {"cross_entropy": CrossEntropyConfig, "mse": MSEConfig},
     "parallel": {"single": ParallelConfig, "ddp": DDPConfig, "dp": DPConfig},
     "optim": {"sgd": SGDConfig, "adamw": AdamWConfig},
     "lr_scaling": {"lr_scaling": LRScalingConfig},
@@ -323,3 +355,41 @@ def check_known_keys(cfg: Any) -> None:
            f"remove it; {_option_name(group, schema)} takes {', '.join(known) or 'no keys'}")
     raise ConfigError(key, value, f"{_option_name(group, schema)} has no such key, and it would "
                       "be ignored", fix)
+
+
+def give_user_groups_schemas(cfg: Any) -> None:
+    """A user's own `data` group without a stepwise schema gets the generic one (DatasetConfig),
+    so that its loader keys are typed and a key it cannot have is named now. Model, loss and
+    metrics nodes without a schema stay as they are: their target's signature is their schema
+    (stepwise/components.py)."""
+    import dataclasses
+
+    from omegaconf import DictConfig, OmegaConf, open_dict
+
+    from stepwise.errors import ConfigError
+
+    node = cfg.get("data")
+    if not isinstance(node, DictConfig) or OmegaConf.get_type(node) is not dict:
+        return
+    known = [f.name for f in dataclasses.fields(DatasetConfig)]
+    for key in node.keys():
+        if key not in known:
+            close = difflib_close(str(key), known)
+            fix = f"did you mean data.{close}?" if close else \
+                f"remove it; a data group without a schema takes {', '.join(known[1:])}"
+            raise ConfigError(f"data.{key}", node._get_node(key)._value(), "a data group "
+                              "without a stepwise schema is read as data=dataset, which has no "
+                              "such key", fix)
+    if "train" not in node:
+        raise ConfigError("data.train", None, "a data group without a stepwise schema is read "
+                          "as data=dataset, which needs a training dataset",
+                          "set data.train={_target_: mypkg.MyDataset, ...}")
+    with open_dict(cfg):
+        cfg.data = OmegaConf.merge(OmegaConf.structured(DatasetConfig), node)
+
+
+def difflib_close(name: str, known: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return close[0] if close else ""

@@ -37,6 +37,11 @@ class ArrayData:
     def val_samples(self) -> int:
         return len(self.x_val)
 
+    def shape_keys(self) -> dict[str, Any]:
+        """What a model factory may take from the data (`components.build` passes what it names)."""
+        return {"input_shape": self.input_shape, "num_outputs": self.num_outputs,
+                "num_classes": self.num_outputs if self.task == "classification" else None}
+
     def train_set(self, dtype, seed: int):
         from stepwise.loaders import TensorPairDataset
 

@@ -35,6 +35,10 @@ class ImageData:
     val_indices: tuple[int, ...] | None = None
     task: str = "classification"
 
+    def shape_keys(self) -> dict[str, Any]:
+        return {"input_shape": self.input_shape, "num_outputs": self.num_outputs,
+                "num_classes": self.num_outputs}
+
     def train_set(self, dtype, seed: int):
         base = _base(self.kind, self.options, train=True)
         if self.train_indices is not None:

@@ -38,7 +38,7 @@ class Job:
     """Everything a run needs, fixed before it starts (derived values live in `plan` only)."""
 
     config: Config
-    data: ArrayData
+    data: Any  # ArrayData, ImageData or DatasetData
     plan: Plan
     run_dir: Path
     start_dir: Path
@@ -312,7 +312,10 @@ def adapted_optimizer_args(config: Config, plan: Plan) -> dict[str, Any]:
 
 
 def _data_name(data_cfg: Any) -> str:
-    return str(data_cfg._target_).rsplit(".", 1)[-1]
+    """How error lines name the data: `digits`, or a user's dataset class."""
+    train = getattr(data_cfg, "train", None)
+    target = train.get("_target_", "?") if isinstance(train, dict) else data_cfg._target_
+    return str(target).rsplit(".", 1)[-1]
 
 
 def prepare(config: Config, run_dir: Path, start_dir: Path, env: DistEnv | None = None,
@@ -329,12 +332,13 @@ def prepare(config: Config, run_dir: Path, start_dir: Path, env: DistEnv | None 
     batch_size, accum = resolve_accum(config, world_size)
     data = build_data(dataclasses.asdict(config.data))
     check_model(config.model, data, _data_name(config.data))
-    if config.trainer.channels_last and len(data.input_shape) != 3:
+    images = len(data.input_shape or ()) == 3
+    if config.trainer.channels_last and not images:
         raise ConfigError("trainer.channels_last", True, f"data={_data_name(config.data)} gives "
                           "vectors, not images", "set trainer.channels_last=false")
     plan = plan_for(config, data, world_size, batch_size, accum)
     check_adapt_betas(config, plan)
-    if not config.dry_run or len(data.input_shape) == 3:  # images: torch is loaded already
+    if not config.dry_run or images or not isinstance(data, ArrayData):  # torch is loaded already
         from stepwise.probe import probe
 
         probe(config, data, _data_name(config.data), plan)

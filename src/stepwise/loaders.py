@@ -85,13 +85,16 @@ def make_loaders(data, plan: Plan, replica: Replica, *, seed: int, dtype: torch.
                  ) -> tuple[DataLoader | InMemoryLoader, DataLoader | None]:
     """The training loader (this process's micro-batches) and its shard of the validation set.
 
-    `data` is an ArrayData or ImageData: its `train_set`/`val_set` give datasets whose
-    `__getitems__` returns a whole (x, y) batch.
+    `data` is an ArrayData or ImageData, whose `train_set`/`val_set` give datasets whose
+    `__getitems__` returns a whole (x, y) batch, or a DatasetData, whose `collate` turns a list
+    of samples into (inputs, target).
     """
     workers = {"num_workers": num_workers, "pin_memory": replica.device.type == "cuda"}
     if num_workers > 0:
         workers.update(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
     train_set = data.train_set(dtype, seed)
+    # Built-in data fetches whole (x, y) batches (`__getitems__`); a user's is collated.
+    collate = data.collate(dtype) if hasattr(data, "collate") else _as_is
     in_memory = isinstance(train_set, TensorPairDataset) and num_workers == 0
     sampler = MicroBatchSampler(plan, replica.rank, seed, replica.blocks_per_process,
                                 with_epoch=getattr(train_set, "keys_with_epoch", False),
@@ -101,12 +104,22 @@ def make_loaders(data, plan: Plan, replica: Replica, *, seed: int, dtype: torch.
     elif in_memory:
         train = InMemoryLoader(train_set, sampler, pin=workers["pin_memory"])
     else:
-        train = DataLoader(train_set, batch_sampler=sampler, collate_fn=_as_is, **workers)
+        train = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate, **workers)
     if data.val_samples == 0:
         return train, None
     # Contiguous, disjoint shards: every validation sample is counted once over all ranks.
     shard = np.array_split(np.arange(data.val_samples), replica.loader_ranks)[replica.rank]
     batch = plan.per_device_batch_size * replica.blocks_per_process
     batches = [shard[i:i + batch].tolist() for i in range(0, len(shard), batch)]
-    val = DataLoader(data.val_set(dtype), batch_sampler=batches, collate_fn=_as_is, **workers)
+    val = DataLoader(data.val_set(dtype), batch_sampler=batches, collate_fn=collate, **workers)
     return train, val
+
+
+def fetch(data, dtype: torch.dtype, seed: int, indices: list[int]) -> tuple:
+    """The training samples at `indices` as one (inputs, target) batch, as the loader gives it."""
+    dataset = data.train_set(dtype, seed)
+    if getattr(dataset, "keys_with_epoch", False):
+        indices = [(0, i) for i in indices]
+    if hasattr(data, "collate"):
+        return data.collate(dtype)([dataset[i] for i in indices])
+    return dataset.__getitems__(indices)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 
-from stepwise.config import check_known_keys, register_configs
+from stepwise.config import check_known_keys, give_user_groups_schemas, register_configs
 from stepwise.cpu_isa import guard_run
 from stepwise.errors import ConfigError
 from stepwise.signals import STOP, Stopped, stop_in
@@ -80,17 +80,18 @@ def _run(cfg: DictConfig, run_dir: Path, rank: int) -> dict[str, float] | None:
     from stepwise.job import prepare
     from stepwise.sweep import sweep_job
 
-    config = OmegaConf.to_object(cfg)
+    try:
+        give_user_groups_schemas(cfg)
+        config = OmegaConf.to_object(cfg)
+    except (ConfigError, MissingMandatoryValue) as err:
+        _config_error(err, run_dir, rank)
     guard_run(config.trainer.precision, config.trainer.device, warn=rank == 0)
     try:
         check_known_keys(cfg)
         job = prepare(config, run_dir=run_dir, start_dir=Path.cwd(), env=detect(os.environ),
                       sweep=sweep_job(HydraConfig.get()))
     except ConfigError as err:
-        if rank == 0:  # every rank finds the same mistake; one of them says it
-            print(f"error: {err}", file=sys.stderr)
-            _discard_empty_run_dir(run_dir)
-        sys.exit(2)
+        _config_error(err, run_dir, rank)
 
     if rank == 0:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
@@ -103,6 +104,17 @@ def _run(cfg: DictConfig, run_dir: Path, rank: int) -> dict[str, float] | None:
         log.info("dry_run=true: stopping before training")
         return None
     return _train(job, run_dir, rank)
+
+
+def _config_error(err: Exception, run_dir: Path, rank: int) -> None:
+    """One line (from one rank: every rank finds the same mistake), no run dir left, exit 2."""
+    if rank == 0:
+        if isinstance(err, MissingMandatoryValue):
+            err = ConfigError(err.full_key, "???", "has no value (the config marks it ???)",
+                              f"set {err.full_key}=...")
+        print(f"error: {err}", file=sys.stderr)
+        _discard_empty_run_dir(run_dir)
+    sys.exit(2)
 
 
 def _train(job, run_dir: Path, rank: int) -> dict[str, float]:

@@ -12,6 +12,8 @@ import dataclasses
 import difflib
 from typing import Any
 
+from stepwise.components import reason as _reason
+from stepwise.components import target_of
 from stepwise.config import SCHEMAS
 from stepwise.errors import ConfigError
 
@@ -36,24 +38,23 @@ def option_of(group: str, node: Any) -> str:
     return names[0] if names else str(getattr(node, "_target_", group)).rsplit(".", 1)[-1]
 
 
-def _reason(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:160] if text else type(err).__name__
-
-
 def check_model(model_cfg: Any, data: Any, data_name: str) -> None:
     """What can be said of the model and the data without building the model: the classes and
     input channels agree, an image model gets images, a torchvision name exists."""
-    shape, classes = tuple(data.input_shape), data.num_outputs
+    shape, classes = tuple(data.input_shape or ()), data.num_outputs
+    if target_of(model_cfg).startswith(BUILT_IN_MODELS) and not shape:
+        raise ConfigError("model", option_of("model", model_cfg), f"needs samples whose input is "
+                          f"one tensor, and data={data_name}'s are not", "bring your own model "
+                          "(a model group with _target_: mypkg.MyModel)")
     for key, value, wanted, what in (("num_classes", getattr(model_cfg, "num_classes", None),
                                       classes, "classes"),
                                      ("in_channels", getattr(model_cfg, "in_channels", None),
-                                      shape[0], "input channels")):
-        if value is not None and value != wanted:
+                                      shape[0] if shape else None, "input channels")):
+        if value is not None and wanted is not None and value != wanted:
             raise ConfigError(f"model.{key}", value, f"data={data_name} has {wanted} {what}",
                               f"leave model.{key} null (it follows the data), or use data with "
                               f"{value} {what}")
-    if model_cfg._target_ not in IMAGE_MODELS:
+    if target_of(model_cfg) not in IMAGE_MODELS:
         return
     key, value = ("model.name", model_cfg.name) if hasattr(model_cfg, "name") else ("model", "cnn")
     if len(shape) != 3:
@@ -72,12 +73,18 @@ def check_model(model_cfg: Any, data: Any, data_name: str) -> None:
 
 
 def probe(config: Any, data: Any, data_name: str, plan: Any) -> None:
-    """Build the model and the optimizer once; the global RNG is left as it was."""
+    """Build the model and the optimizer once, and put 2 training samples through the model,
+    the loss and the metrics; the global RNG is left as it was."""
     import torch
 
+    from stepwise.build import build_model
+    from stepwise.precision import param_dtype
+    from stepwise.probe_batch import probe_batch
+
     with torch.random.fork_rng(devices=[]):
-        probe_model(config.model, data, data_name)
+        model = probe_model(config.model, data, data_name) or build_model(config, data)
         probe_optimizer(config, plan)
+        probe_batch(config, data, data_name, model.to(param_dtype(config.trainer.precision)))
 
 
 def probe_optimizer(config: Any, plan: Any) -> None:
@@ -102,10 +109,11 @@ def probe_optimizer(config: Any, plan: Any) -> None:
                           "says") from None
 
 
-def probe_model(model_cfg: Any, data: Any, data_name: str) -> None:
-    """A built-in model, built for the data's input shape and outputs and given 2 samples."""
-    if not str(model_cfg._target_).startswith(BUILT_IN_MODELS):
-        return
+def probe_model(model_cfg: Any, data: Any, data_name: str):
+    """A built-in model, built for the data's input shape and outputs and given 2 samples of
+    zeros (its refusals named by key); None for a user's model."""
+    if not target_of(model_cfg).startswith(BUILT_IN_MODELS):
+        return None
     import torch
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
@@ -134,6 +142,7 @@ def probe_model(model_cfg: Any, data: Any, data_name: str) -> None:
                               "data.val_transforms, or choose another model") from None
         raise ConfigError(key, value, f"cannot take data={data_name}'s samples of shape "
                           f"{list(shape)} ({_reason(err)})", "choose another model") from None
+    return model.train()
 
 
 def _suspect(model_cfg: Any) -> tuple[str, Any]:

@@ -12,17 +12,13 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import torch
-from hydra.utils import instantiate
-
-from stepwise.checkpoint import load_checkpoint, publish
+from stepwise.build import build_trainer
+from stepwise.checkpoint import load_checkpoint
 from stepwise.distributed import Replica, resolve_device, start_replica, stop_replica
-from stepwise.job import Job, adapted_optimizer_args, run_params
-from stepwise.loaders import make_loaders
-from stepwise.precision import Precision, compile_model, param_dtype, set_tf32, to_memory_format
+from stepwise.job import Job, run_params
 from stepwise.signals import STOP, stop_in
 from stepwise.tracking import MlflowTracker, NullTracker, default_tracking_uri
-from stepwise.trainer import Trainer
+from stepwise.trainer import NullProgress
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +61,9 @@ def open_run(job: Job, resumed: dict[str, Any] | None = None):
     return tracker
 
 
-class _Progress:
-    """A null progress bar for ranks other than 0 and for `trainer.progress_bar=false`."""
-
-    def update(self, n: int) -> None: ...
-    def set_postfix(self, **kwargs: Any) -> None: ...
-    def close(self) -> None: ...
-
-
 def _progress(job: Job, replica: Replica, done: int):
     if not (replica.is_main and job.config.trainer.progress_bar):
-        return _Progress()
+        return NullProgress()
     from tqdm import tqdm
 
     return tqdm(total=job.plan.total_optimizer_steps, initial=done, desc="optimizer steps",
@@ -134,56 +122,6 @@ def execute(job: Job, log_file: str | None = None) -> dict[str, float]:
         raise
     stop_replica(replica)
     return result
-
-
-def build_trainer(job: Job, replica: Replica, tracker) -> Trainer:
-    """Build the model, optimizer, scheduler and loaders from the config, seeded by `seed`."""
-    cfg, plan, trainer_cfg = job.config, job.plan, job.config.trainer
-    dtype = param_dtype(trainer_cfg.precision)
-    set_tf32(trainer_cfg.tf32, replica.device)
-    torch.manual_seed(cfg.seed)
-    tree = job.config_dict()
-    model = instantiate(tree["model"], input_shape=job.data.input_shape,
-                        num_outputs=job.data.num_outputs).to(dtype)
-    model = to_memory_format(model, trainer_cfg.channels_last)
-    wrapped = compile_model(replica.wrap(model), trainer_cfg.compile)
-    optimizer = instantiate(tree["optim"])(wrapped.parameters(),
-                                           **adapted_optimizer_args(cfg, plan))
-    # Stepped once per optimizer step; the factor is a function of the samples seen before it.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: plan.schedule.factor(plan.samples_after(step)))
-    train_loader, val_loader = make_loaders(
-        job.data, plan, replica, seed=cfg.seed, dtype=dtype, num_workers=cfg.data.num_workers,
-        persistent_workers=cfg.data.persistent_workers, prefetch_factor=cfg.data.prefetch_factor)
-    return Trainer(
-        model=wrapped, optimizer=optimizer, scheduler=scheduler, plan=plan, task=job.data.task,
-        train_loader=train_loader, val_loader=val_loader, replica=replica, tracker=tracker,
-        progress=_Progress(), grad_clip_norm=cfg.trainer.grad_clip_norm,
-        log_every_n_steps=cfg.trainer.log_every_n_steps,
-        val_every_n_epochs=cfg.trainer.val_every_n_epochs, on_nonfinite=cfg.trainer.on_nonfinite,
-        checkpoint_every_n_steps=cfg.trainer.checkpoint_every_n_steps,
-        save=checkpoint_saver(job, tracker),
-        precision=Precision(trainer_cfg.precision, replica.device),
-        channels_last=trainer_cfg.channels_last,
-    )
-
-
-def checkpoint_saver(job: Job, tracker) -> Callable[[Trainer], None]:
-    """Save a checkpoint (every rank gathers; rank 0 writes); metrics logged so far are flushed
-    first, so that a resume from it logs nothing twice."""
-
-    def save(trainer: Trainer) -> None:
-        state = trainer.state_dict()
-        if not trainer.replica.is_main:
-            return
-        tracker.flush()
-        state.update(epoch=trainer.counters.epoch, samples_seen=trainer.counters.samples_seen,
-                     plan=job.plan.to_dict(), config=job.config_dict(),
-                     mlflow_run_id=tracker.run_id)
-        path = publish(job.run_dir / "checkpoints", state, job.config.trainer.keep_checkpoints)
-        log.info("checkpoint at global_step %d: %s", trainer.counters.global_step, path)
-
-    return save
 
 
 def train(job: Job, replica: Replica, tracker, resumed: dict[str, Any] | None = None

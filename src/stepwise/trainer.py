@@ -6,34 +6,22 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
+from stepwise.batches import call_model, to_device
 from stepwise.distributed import Replica
+from stepwise.losses import item_mask, masked_sum, mean_loss, per_sample
 from stepwise.plan import Plan, Window
 from stepwise.precision import Precision, inputs_memory_format
 from stepwise.signals import STOP, Stopped, StopSignals
 
 log = logging.getLogger(__name__)
 
-Batch = tuple[torch.Tensor, torch.Tensor, int]  # inputs, targets, real samples (rest is padding)
-
-
-def per_sample_loss(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Loss with one value per sample, so that the loop can weight real samples exactly."""
-    if task == "classification":
-        return lambda out, y: F.cross_entropy(out, y, reduction="none")
-    return lambda out, y: F.mse_loss(out, y, reduction="none").flatten(1).mean(1)
-
-
-def mean_loss(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The mean of `per_sample_loss` over a batch in one operation (a batch with no padding)."""
-    if task == "classification":
-        return F.cross_entropy
-    return F.mse_loss  # the mean over samples of each sample's mean over its outputs
+Batch = tuple[Any, torch.Tensor, int]  # inputs, target, real samples (the rest is padding)
 
 
 class PlanMismatch(RuntimeError):
@@ -57,19 +45,54 @@ class Counters:
     skipped_steps: int = 0
 
 
+@dataclass
+class Parts:
+    """What the loop trains and measures with (stepwise/build.py builds them from the config)."""
+
+    model: nn.Module  # wrapped for the parallel mode (single, DataParallel or DDP)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler  # stepped once per optimizer step
+    loss: Callable  # per-item values (stepwise/losses.py); the loop reduces them
+    metrics: dict[str, Any] = field(default_factory=dict)  # torchmetrics, logged as val/<name>
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """The `trainer.*` keys the loop itself reads."""
+
+    grad_clip_norm: float | None = None
+    log_every_n_steps: int = 1
+    val_every_n_epochs: int = 1
+    on_nonfinite: str = "stop"
+    checkpoint_every_n_steps: int = 0
+    channels_last: bool = False
+
+    @classmethod
+    def of(cls, trainer_cfg: Any) -> LoopSettings:
+        return cls(**{f.name: getattr(trainer_cfg, f.name) for f in fields(cls)})
+
+
+class NullProgress:
+    """A progress bar that shows nothing: ranks other than 0, `trainer.progress_bar=false`."""
+
+    def update(self, n: int) -> None: ...
+    def set_postfix(self, **kwargs: Any) -> None: ...
+    def close(self) -> None: ...
+
+
 class Trainer:
     """Runs the plan: windows of micro-steps, one optimizer step each, validation per epoch.
 
     Args:
-        model: the wrapped model (single, DataParallel or DistributedDataParallel).
-        optimizer, scheduler: the scheduler is stepped once per optimizer step.
-        plan: the batch plan; `plan.lr` is already in the optimizer.
-        task: `classification` or `regression` (chooses the per-sample loss).
-        train_loader: yields this process's micro-batches, from a `MicroBatchSampler`.
+        parts: model, optimizer, scheduler, loss and metrics; `plan.lr` is in the optimizer.
+        plan: the batch plan.
+        train_loader: yields this process's micro-batches, from a `MicroBatchSampler`, as
+            (inputs, target) pairs.
         val_loader: this process's shard of the validation set (may be None).
         replica: parallel mode, rank and reductions.
         tracker: MLflow on the main rank, a null tracker elsewhere.
         progress: a tqdm-like bar on the main rank, a null one elsewhere.
+        settings: the loop's `trainer.*` keys.
         precision: autocast and the fp16 GradScaler (`trainer.precision`).
 
     Per micro-step the loop only runs forward and backward (and adds the loss to a device
@@ -77,26 +100,18 @@ class Trainer:
     except under `on_nonfinite=skip`, which must look at every step's loss before stepping.
     """
 
-    def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, plan: Plan, task: str,
-                 train_loader, val_loader, replica: Replica, tracker, progress,
-                 grad_clip_norm: float | None = None, log_every_n_steps: int = 1,
-                 val_every_n_epochs: int = 1, on_nonfinite: str = "stop",
-                 checkpoint_every_n_steps: int = 0,
+    def __init__(self, parts: Parts, plan: Plan, *, train_loader, val_loader, replica: Replica,
+                 tracker, progress=None, settings: LoopSettings = LoopSettings(),
                  save: Callable[[Trainer], None] | None = None,
-                 stop_signals: StopSignals = STOP, precision: Precision | None = None,
-                 channels_last: bool = False) -> None:
-        self.model, self.optimizer, self.scheduler, self.plan = model, optimizer, scheduler, plan
-        self.task, self.loss_fn, self.mean_loss = task, per_sample_loss(task), mean_loss(task)
+                 precision: Precision | None = None, stop_signals: StopSignals = STOP) -> None:
+        self.model, self.optimizer, self.scheduler = parts.model, parts.optimizer, parts.scheduler
+        self.loss, self.metrics, self.plan, self.settings = parts.loss, parts.metrics, plan, settings
         self.train_loader, self.val_loader = train_loader, val_loader
-        self.replica, self.tracker, self.progress = replica, tracker, progress
-        self.grad_clip_norm = grad_clip_norm
-        self.log_every_n_steps, self.val_every_n_epochs = log_every_n_steps, val_every_n_epochs
-        self.on_nonfinite, self.checkpoint_every_n_steps = on_nonfinite, checkpoint_every_n_steps
+        self.replica, self.tracker = replica, tracker
+        self.progress = progress or NullProgress()
         self.save = save or (lambda trainer: None)
         self.stop_signals = stop_signals
         self.precision = precision or Precision("32", replica.device)
-        self.channels_last = channels_last
         self.stop_vote = replica.lagged_max()  # a signal on any rank stops all, one step later
         self.unchecked: list[tuple[int, torch.Tensor]] = []  # (step, loss shares) unchecked
         self.counters = Counters()
@@ -117,7 +132,7 @@ class Trainer:
                     self._after_step(stop)
                 last = epoch == self.plan.epochs - 1
                 if self.val_loader is not None and (last or
-                                                    (epoch + 1) % self.val_every_n_epochs == 0):
+                                                    (epoch + 1) % self.settings.val_every_n_epochs == 0):
                     metrics = self.evaluate()
                     self.tracker.log_metrics(metrics, step=self.counters.global_step)
                 if self.counters.step_in_epoch == self.plan.optimizer_steps_per_epoch:
@@ -152,13 +167,13 @@ class Trainer:
         """
         shares = self._accumulate(batches, window)
         step = self.counters.global_step + 1
-        if self.on_nonfinite == "skip" and self._any_rank_nonfinite(shares):
+        if self.settings.on_nonfinite == "skip" and self._any_rank_nonfinite(shares):
             self._skip(step, "non-finite loss")
         else:
             self.unchecked.append((step, shares))
             self.precision.unscale_(self.optimizer)
-            if self.grad_clip_norm is not None:
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
+            if self.settings.grad_clip_norm is not None:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip_norm)
             if not self.precision.step(self.optimizer):
                 self._skip(step, "float16 gradients overflowed (the GradScaler lowered its scale)")
         lr = self.last_lr = self.scheduler.get_last_lr()[0]
@@ -182,28 +197,42 @@ class Trainer:
     def _accumulate(self, batches: list[Batch], window: Window) -> torch.Tensor:
         """Forward/backward every micro-step; DDP all-reduces on the last one only.
 
-        Each micro-step's backward loss is its share of the window's mean loss: its real
-        samples' loss sum times `loss_multiplier / window.samples`. A full micro-batch computes
-        it as its mean loss times `real * loss_multiplier / window.samples` (skipped when that is
-        exactly 1: one micro-step per window, one process). Returns the sum of the shares: over
-        ranks, divided by `loss_multiplier`, it is the window's mean loss.
+        Each micro-step's backward loss is its share of the mean loss over the window's real
+        items: the sum of its real items' losses times `loss_multiplier / window items`. When
+        the items are samples, the window's count is the plan's; a full micro-batch then
+        computes its share as its mean loss times `real * loss_multiplier / window.samples`
+        (skipped when that is exactly 1). When the loss masks items (tokens), they are counted
+        in the loaded window, over ranks, before the first forward. Returns the sum of the
+        shares: over ranks, divided by `loss_multiplier`, it is the window's mean loss.
         """
         multiplier = self.replica.loss_multiplier
+        masks = [item_mask(self.loss, target) for _, target, _ in batches]
+        items = self._window_items(masks, batches) if masks[0] is not None else None
         shares = []
-        for i, (x, y, real) in enumerate(batches):
+        for i, ((inputs, target, real), mask) in enumerate(zip(batches, masks)):
             with self.replica.no_sync(self.model, sync=i == len(batches) - 1):
                 with self.precision.autocast():
-                    out = self.model(x)
-                    if real == y.shape[0]:
-                        share = self.mean_loss(out, y)
+                    out = call_model(self.model, inputs)
+                    if mask is not None:
+                        values = self.loss(out, target)
+                        share = masked_sum(values, mask, real) * (multiplier / items).to(values.dtype)
+                    elif real == len(target):
+                        share = mean_loss(self.loss, out, target)
                         if real * multiplier != window.samples:
                             share = share * (real * multiplier / window.samples)
                     else:
-                        share = self.loss_fn(out, y)[:real].sum() * (multiplier / window.samples)
+                        share = per_sample(self.loss(out, target))[:real].sum() * (
+                            multiplier / window.samples)
                 self.precision.backward(share)
             shares.append(share.detach())
             self.real_samples += real
         return shares[0] if len(shares) == 1 else torch.stack(shares).sum()
+
+    def _window_items(self, masks: list[torch.Tensor], batches: list[Batch]) -> torch.Tensor:
+        """The real items of the window, over ranks (one small all-reduce in DDP). A window with
+        none counts 1, so that its zero loss stays zero instead of 0/0."""
+        local = sum(mask[:real].sum() for mask, (_, _, real) in zip(masks, batches))
+        return self.replica.sum(local.to(torch.float64)).clamp_min(1)
 
     def _any_rank_nonfinite(self, shares: torch.Tensor) -> bool:
         """Whether some rank's loss is NaN or infinite (a host sync, and in DDP a small
@@ -225,7 +254,7 @@ class Trainer:
         self.unchecked = []
         sums = self.replica.sum(torch.stack(losses).double()).tolist()
         bad = [step for step, value in zip(steps, sums) if not math.isfinite(value)]
-        if bad and self.on_nonfinite == "stop":
+        if bad and self.settings.on_nonfinite == "stop":
             raise NonFiniteLoss(f"non-finite loss at optimizer step {bad[0]} (samples "
                                 f"{self.plan.samples_after(bad[0] - 1)}..); "
                                 "trainer.on_nonfinite=skip would drop such steps instead")
@@ -233,7 +262,7 @@ class Trainer:
 
     def _after_step(self, stop: int) -> None:
         """Checkpoint when due or when asked to stop; then honour the stop."""
-        every = self.checkpoint_every_n_steps
+        every = self.settings.checkpoint_every_n_steps
         if stop or (every and self.counters.global_step % every == 0
                     and self.counters.global_step < self.plan.total_optimizer_steps):
             self.check_losses()  # never checkpoint weights that a non-finite step has spoilt
@@ -244,7 +273,7 @@ class Trainer:
     def _log_step(self, shares: torch.Tensor, lr: float, force: bool = False) -> None:
         step = self.counters.global_step
         self.progress.update(1)
-        if step % self.log_every_n_steps and step != self.plan.total_optimizer_steps and not force:
+        if step % self.settings.log_every_n_steps and step != self.plan.total_optimizer_steps and not force:
             return
         if self.unchecked and self.unchecked[-1][0] == step:
             loss = self.check_losses()
@@ -257,41 +286,54 @@ class Trainer:
             metrics["train/skipped_steps"] = self.counters.skipped_steps
         self.tracker.log_metrics(metrics, step=step)
 
-    def _to_device(self, batch: tuple[torch.Tensor, torch.Tensor], micro_step: int) -> Batch:
-        x, y = batch
+    def _to_device(self, batch: tuple[Any, torch.Tensor], micro_step: int) -> Batch:
+        inputs, target = batch
         start, stop = self.plan.shard(micro_step, self.replica.rank,
                                       self.replica.blocks_per_process)
         real = stop - start
-        if y.shape[0] != max(real, 1):
-            raise PlanMismatch(f"micro-step {micro_step}: the loader gave {y.shape[0]} samples, "
+        if len(target) != max(real, 1):
+            raise PlanMismatch(f"micro-step {micro_step}: the loader gave {len(target)} samples, "
                                f"the plan {real}")
+        inputs, target = self._on_device(inputs, target)
+        return inputs, target, real
+
+    def _on_device(self, inputs: Any, target: torch.Tensor) -> tuple[Any, torch.Tensor]:
         device = self.replica.device
         if device.type != "cpu":
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        return inputs_memory_format(x, self.channels_last), y, real
+            inputs, target = to_device((inputs, target), device)
+        if isinstance(inputs, torch.Tensor):
+            inputs = inputs_memory_format(inputs, self.settings.channels_last)
+        return inputs, target
 
     # -- validation and the final check ------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Exact validation metrics: sums and counts reduced over ranks, never means of means."""
+        """Exact validation metrics: sums and counts (and metric states) reduced over ranks,
+        never means of means. `val/loss` is the mean over the real items."""
         self.model.eval()
-        device = self.replica.device
-        totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, count
-        for x, y in self.val_loader:
-            x = inputs_memory_format(x.to(device, non_blocking=True), self.channels_last)
-            y = y.to(device, non_blocking=True)
+        totals = torch.zeros(2, device=self.replica.device, dtype=torch.float64)  # sum, items
+        for inputs, target in self.val_loader:
+            inputs, target = self._on_device(*to_device((inputs, target), self.replica.device))
             with self.precision.autocast():
-                out = self.model(x)
-                totals[0] += self.loss_fn(out, y).sum()
-            if self.task == "classification":
-                totals[1] += (out.argmax(dim=1) == y).sum()
-            totals[2] += len(y)
+                out = call_model(self.model, inputs)
+                values = self.loss(out, target)
+            mask = item_mask(self.loss, target)
+            if mask is None:
+                totals += torch.stack([per_sample(values).sum().double(),
+                                       torch.tensor(float(len(values)), device=totals.device)])
+            else:
+                totals += torch.stack([masked_sum(values, mask, len(values)).double(),
+                                       mask.sum().double()])
+            for metric in self.metrics.values():
+                metric.update(out.float() if out.is_floating_point() else out, target)
         self.model.train()
-        loss_sum, correct, count = self.replica.sum(totals).tolist()
-        metrics = {"val/loss": loss_sum / max(count, 1)}
-        if self.task == "classification":
-            metrics["val/accuracy"] = correct / max(count, 1)
-        return metrics
+        loss_sum, count = self.replica.sum(totals).tolist()
+        results = {"val/loss": loss_sum / max(count, 1)}
+        for name, metric in self.metrics.items():
+            value = metric.compute()  # torchmetrics sums the states over ranks first
+            metric.reset()
+            results.update(scalars(f"val/{name}", value))
+        return results
 
     def check_against_plan(self) -> None:
         """Fail the run if the executed counts differ from the plan."""
@@ -352,3 +394,11 @@ class Trainer:
             torch.set_rng_state(rng["cpu"])
             if "cuda" in rng and self.replica.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"], self.replica.device)
+
+
+def scalars(name: str, value: Any) -> dict[str, float]:
+    """A metric's value as MLflow metrics: `name` for a scalar, `name/<i>` per element else."""
+    value = torch.as_tensor(value).detach().double().cpu()
+    if value.numel() == 1:
+        return {name: value.item()}
+    return {f"{name}/{i}": v for i, v in enumerate(value.flatten().tolist())}

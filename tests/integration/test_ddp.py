@@ -18,7 +18,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from stepwise.checkpoint import load_checkpoint
 from stepwise.dist_env import DistEnv
 from stepwise.distributed import start_replica, stop_replica
-from stepwise.runner import build_trainer
+from stepwise.build import build_trainer
 from stepwise.tracking import NullTracker
 from tests.conftest import ROOT, prepare_job, run_cli
 

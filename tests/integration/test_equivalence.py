@@ -8,7 +8,8 @@ from torch.nn import functional as F
 from stepwise.checkpoint import load_checkpoint
 from stepwise.data import epoch_permutation
 from stepwise.distributed import Replica
-from stepwise.runner import build_trainer, train
+from stepwise.build import build_trainer
+from stepwise.runner import train
 from stepwise.tracking import NullTracker
 from tests.conftest import prepare_job
 

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from stepwise.checkpoint import load_checkpoint
 from stepwise.distributed import Replica
-from stepwise.runner import build_trainer
+from stepwise.build import build_trainer
 from stepwise.tracking import NullTracker
 from tests.conftest import ROOT, prepare_job, run_cli
 

@@ -6,16 +6,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
 
+from stepwise.build import build_model, build_optimizer
 from stepwise.data import build_data
 from stepwise.errors import ConfigError
 from stepwise.job import prepare
 from stepwise.main import CONF_DIR
 from tests.conftest import compose_config
 
-GROUPS = ["model", "data", "parallel", "optim", "lr_scaling", "trainer", "logger", "debug",
-          "experiment"]
+GROUPS = ["model", "data", "parallel", "optim", "loss", "metrics", "lr_scaling", "trainer",
+          "logger", "debug", "experiment"]
+# data=dataset takes the user's own Dataset (tests/fixtures/userpkg); the rest are complete.
+COMPLETING = {"data=dataset": ["data.train={_target_: tests.fixtures.userpkg.data.Vectors, "
+                               "size: 10}"],
+              "loss=mse": ["data=linreg"]}
 
 
 def _options(group: str) -> list[str]:
@@ -27,16 +31,14 @@ def test_every_option_composes_and_builds(override, tmp_path: Path):
     if override in ("data=imagefolder", "data=mnist", "data=cifar10", "model=cnn",
                     "model=torchvision", "experiment=cifar10_resnet18"):
         pytest.skip("needs image files or image data: tests/integration/test_images.py")
-    config = compose_config(override)
+    config = compose_config(override, *COMPLETING.get(override, []))
     if override == "parallel=dp" and not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="DataParallel needs CUDA devices"):
             prepare(config, run_dir=tmp_path, start_dir=tmp_path)
         return
     job = prepare(config, run_dir=tmp_path, start_dir=tmp_path)
-    tree = job.config_dict()
-    model = instantiate(tree["model"], input_shape=job.data.input_shape,
-                        num_outputs=job.data.num_outputs)
-    optimizer = instantiate(tree["optim"])(model.parameters(), lr=job.plan.lr)
+    model = build_model(job.config, job.data)
+    optimizer = build_optimizer(job.config, job.plan, model.parameters())
     out = model(torch.as_tensor(job.data.x_train[:3]) if hasattr(job.data, "x_train")
                 else torch.stack([job.data.train_set(torch.float32, 0)[i][0] for i in range(3)]))
     assert out.shape == (3, job.data.num_outputs)

@@ -1,0 +1,1 @@
+"""A stepwise user project: majority parity of variable-length token sequences."""

@@ -1,0 +1,1 @@
+"""The project's config groups (a package, so that `pkg://parity.conf` finds them)."""

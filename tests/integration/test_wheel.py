@@ -1,0 +1,177 @@
+"""stepwise as a user gets it: the wheel, installed with its dependencies into a fresh venv, run
+from an empty directory outside the checkout; the built-in job, then a user's own project
+(examples/parity: its own data, model, loss, metric and config groups, found by pkg://).
+
+The wheel and the venv are built once for the module (installing torch takes a minute or two).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = [pytest.mark.slow, pytest.mark.cli]
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "parity"
+EXAMPLE_ARGS = ("hydra.searchpath=[pkg://parity.conf]", "experiment=parity")
+
+
+def _env(venv: Path) -> dict[str, str]:
+    """The caller's environment as a user's shell with the venv activated: nothing that would
+    make the checkout importable (PYTHONPATH) or move the tracking store (MLFLOW_*)."""
+    env = {k: v for k, v in os.environ.items()
+           if k != "PYTHONPATH" and not k.startswith(("MLFLOW_", "HYDRA_"))}
+    env["VIRTUAL_ENV"] = str(venv)
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    return env  # ONEDNN_MAX_CPU_ISA, if set (an AMX cap), is kept
+
+
+def _run(command: list[str], cwd: Path, env: dict[str, str] | None = None,
+         timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} (in {cwd}) exited {proc.returncode}\n"
+                             f"{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def _copy_sources(src: Path, dst: Path) -> Path:
+    """The working tree's files (tracked and new, not ignored) in `dst`: pip builds in the source
+    tree, and its build/ and *.egg-info must not land in the checkout."""
+    listed = subprocess.run(["git", "-C", str(src), "ls-files", "-z", "-co", "--exclude-standard"],
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, listed):
+        if (src / name).is_file():  # a tracked file deleted in the working tree is not listed twice
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / name, dst / name)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("wheel")
+    source = _copy_sources(ROOT, base / "src")
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(base / "dist"),
+          str(source)], cwd=base, timeout=600)
+    [built] = (base / "dist").glob("stepwise-*.whl")
+    return built
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory, wheel: Path):
+    """A fresh venv with the wheel and its dependencies (from pip's configured indexes)."""
+    path = tmp_path_factory.mktemp("venv") / "venv"
+    _run([sys.executable, "-m", "venv", str(path)], cwd=path.parent)
+    _run([str(path / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel)], cwd=path.parent,
+         env=_env(path), timeout=900)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)  # several GB with torch; run dirs are kept
+
+
+@pytest.fixture(scope="module")
+def parity_venv(tmp_path_factory, venv: Path) -> Path:
+    """The same venv with the example project installed (from a copy: pip builds in the tree)."""
+    source = tmp_path_factory.mktemp("example") / "parity"
+    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"))
+    _run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(source)], cwd=source.parent,
+         env=_env(venv), timeout=600)
+    return venv
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """An empty directory outside the checkout, where a user would start a run."""
+    assert ROOT not in tmp_path.parents and not any(tmp_path.iterdir())
+    return tmp_path
+
+
+def _stepwise(venv: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return _run([str(venv / "bin" / "stepwise"), *args], cwd=cwd, env=_env(venv))
+
+
+def _only_run(workdir: Path):
+    assert (workdir / "outputs").is_dir() and (workdir / "mlflow.db").is_file()
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("stepwise")
+    [run] = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    return run
+
+
+def test_the_wheel_carries_the_config(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"stepwise/conf/config.yaml", "stepwise/conf/model/mlp.yaml",
+            "stepwise/conf/parallel/ddp.yaml"} <= names
+    assert not any(name.startswith(("tests/", "examples/", "src/")) for name in names)
+
+
+def test_stepwise_is_imported_from_the_venv_not_the_checkout(venv, workdir):
+    proc = _run([str(venv / "bin" / "python"), "-c", "import stepwise; print(stepwise.__file__)"],
+                cwd=workdir, env=_env(venv))
+    imported = Path(proc.stdout.strip()).resolve()
+    assert venv.resolve() in imported.parents and ROOT not in imported.parents, imported
+
+
+def test_console_script_trains_the_builtin_job(venv, workdir):
+    proc = _stepwise(venv, "trainer.max_epochs=1", cwd=workdir)
+    run = _only_run(workdir)
+    params, metrics = run.data.params, run.data.metrics
+    # digits: 1438 training samples in batches of 32 -> 45 optimizer steps
+    assert (params["effective_batch_size"], params["world_size"], params["total_optimizer_steps"]) == (
+        "32", "1", "45")
+    assert metrics["global_step"] == 45 and metrics["val/accuracy"] > 0.5
+    assert "effective_batch_size (E=b*k*W)  32" in proc.stdout + proc.stderr
+
+
+def test_python_m_stepwise_dry_run(venv, workdir):
+    proc = _run([str(venv / "bin" / "python"), "-m", "stepwise", "dry_run=true"], cwd=workdir,
+                env=_env(venv))
+    out = proc.stdout + proc.stderr
+    assert "total_optimizer_steps           450" in out and "dry_run=true" in out
+    assert (workdir / "outputs").is_dir()
+
+
+def test_the_example_is_imported_from_the_venv(parity_venv, workdir):
+    proc = _run([str(parity_venv / "bin" / "python"), "-c",
+                 "import parity.conf, stepwise; print(parity.conf.__file__)"], cwd=workdir,
+                env=_env(parity_venv))
+    imported = Path(proc.stdout.strip()).resolve()
+    assert parity_venv.resolve() in imported.parents and ROOT not in imported.parents, imported
+
+
+def _check_example_run(workdir: Path, world_size: int, accum: int):
+    run = _only_run(workdir)
+    params, metrics = run.data.params, run.data.metrics
+    assert (params["world_size"], params["accum"], params["per_device_batch_size"]) == (
+        str(world_size), str(accum), "32")
+    assert params["effective_batch_size"] == str(32 * accum * world_size)
+    assert metrics["global_step"] == int(params["total_optimizer_steps"])
+    assert metrics["train/samples_seen"] == 2 * 1000  # 2 epochs
+    targets = ("model._target_", "loss._target_", "metrics.balanced_accuracy._target_")
+    assert [params[key] for key in targets] == [
+        "parity.models.BagOfTokens", "parity.losses.FocalLoss", "parity.metrics.BalancedAccuracy"]
+    assert metrics["val/loss"] < 0.1  # focal loss; it starts near 0.17 (ln 2 / 4)
+    assert metrics["val/accuracy"] > 0.8 and metrics["val/balanced_accuracy"] > 0.8
+    return params, metrics
+
+
+def test_example_project_single_process(parity_venv, workdir):
+    _stepwise(parity_venv, *EXAMPLE_ARGS, cwd=workdir)
+    params, _ = _check_example_run(workdir, world_size=1, accum=1)
+    # 1000 training sequences in batches of 32: 32 optimizer steps per epoch, 2 epochs
+    assert params["total_optimizer_steps"] == "64"
+
+
+def test_example_project_ddp_with_accumulation(parity_venv, workdir):
+    _stepwise(parity_venv, *EXAMPLE_ARGS, "parallel=ddp", "accum=2", cwd=workdir)
+    params, _ = _check_example_run(workdir, world_size=2, accum=2)
+    # 500 sequences per rank: 16 micro-batches of 32 (the last one 20), 8 windows of 2, 2 epochs
+    assert params["total_optimizer_steps"] == "16"
