@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from stepwise.build import build_trainer
 from stepwise.dist_env import DistEnv
 from stepwise.distributed import start_replica, stop_replica
 from stepwise.job import prepare
-from stepwise.build import build_trainer
 from stepwise.tracking import NullTracker
 
 OVERRIDES = ["parallel=ddp", "parallel.nproc=2", "logger=none", "data=synthetic",

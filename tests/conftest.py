@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from stepwise import cpu_isa
+from stepwise.config import give_user_groups_schemas
 from stepwise.job import Job, prepare
 from stepwise.main import CONF_DIR
 
@@ -28,6 +29,7 @@ def compose_config(*overrides: str):
     """The typed Config that `python train.py <overrides>` would get."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=list(overrides))
+    give_user_groups_schemas(cfg)
     return OmegaConf.to_object(cfg)
 
 

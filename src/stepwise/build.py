@@ -56,8 +56,16 @@ def loss_node(config: Any, data: Any) -> dict[str, Any]:
 
 
 def build_loss(config: Any, data: Any):
-    """The `loss` component (per-item values, stepwise/losses.py); by default, the data's task's."""
-    loss = build("loss", loss_node(config, data))
+    """The `loss` component (per-item values, stepwise/losses.py); by default, the data's task's.
+    A function is the loss itself (`_partial_` with its other keys)."""
+    import inspect
+
+    from stepwise.components import locate
+
+    spec = loss_node(config, data)
+    if inspect.isfunction(locate("loss", spec.get("_target_"))):
+        spec = {"_partial_": True, **spec}
+    loss = build("loss", spec)
     if not callable(loss):
         raise ConfigError("loss._target_", loss_node(config, data)["_target_"], f"built a "
                           f"{type(loss).__name__}, which cannot be called as loss(output, target)",

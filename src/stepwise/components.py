@@ -22,14 +22,11 @@ from stepwise.errors import ConfigError
 SHAPE_KEYS = ("input_shape", "num_outputs", "num_classes")
 
 
-def _module_names(package: str) -> list[str]:
-    try:
-        module = importlib.import_module(package)
-    except ImportError:
-        return []
-    names = [name for name in dir(module) if not name.startswith("_")]
-    if hasattr(module, "__path__"):
-        names += [info.name for info in pkgutil.iter_modules(module.__path__)]
+def _names(found: Any) -> list[str]:
+    """The public attributes of an object, and the submodules of a package, imported or not."""
+    names = [name for name in dir(found) if not name.startswith("_")]
+    if hasattr(found, "__path__"):
+        names += [info.name for info in pkgutil.iter_modules(found.__path__)]
     return names
 
 
@@ -59,7 +56,7 @@ def locate(key: str, target: Any) -> Any:
         for i, attribute in enumerate(parts[depth:], start=depth):
             if not hasattr(found, attribute):
                 where = ".".join(parts[:i])
-                close = _close(attribute, [n for n in dir(found) if not n.startswith("_")])
+                close = _close(attribute, _names(found))
                 fix = f"did you mean {where}.{close}?" if close else f"check the name in {where}"
                 raise ConfigError(f"{key}._target_", target, f"{where} has no {attribute}", fix)
             found = getattr(found, attribute)

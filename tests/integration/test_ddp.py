@@ -15,10 +15,10 @@ import torch.multiprocessing as mp
 from mlflow.tracking import MlflowClient
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
+from stepwise.build import build_trainer
 from stepwise.checkpoint import load_checkpoint
 from stepwise.dist_env import DistEnv
 from stepwise.distributed import start_replica, stop_replica
-from stepwise.build import build_trainer
 from stepwise.tracking import NullTracker
 from tests.conftest import ROOT, prepare_job, run_cli
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from stepwise.build import build_trainer
 from stepwise.checkpoint import load_checkpoint
 from stepwise.data import epoch_permutation
 from stepwise.distributed import Replica
-from stepwise.build import build_trainer
 from stepwise.runner import train
 from stepwise.tracking import NullTracker
 from tests.conftest import prepare_job

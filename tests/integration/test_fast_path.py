@@ -13,9 +13,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from stepwise.build import build_trainer
 from stepwise.checkpoint import load_checkpoint
 from stepwise.distributed import Replica
-from stepwise.build import build_trainer
 from stepwise.tracking import NullTracker
 from tests.conftest import ROOT, prepare_job, run_cli
 

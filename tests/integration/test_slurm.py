@@ -107,7 +107,9 @@ def _start_requeued_jobs_now():
 
 def test_a_timed_out_job_is_requeued_and_finishes_as_one_run(workdir):
     """A 1-minute time limit ends mid-training (about 50 s of training plus start-up; each attempt
-    gets ~30 s, so a loaded machine needs more attempts: the requeue budget is generous): submitit's
+    gets ~30 s before SIGUSR2 and keeps ~30 s to checkpoint and requeue before SLURM's SIGTERM at
+    the limit, which a loaded machine needed: at 20 s, `scontrol requeue` was once killed by it;
+    a loaded machine needs more attempts: the requeue budget is generous): submitit's
     SIGUSR2 makes stepwise checkpoint, submitit requeues, the job resumes into the same MLflow run
     and ends with the weights of an uninterrupted run."""
     job = ("model._target_=tests.fixtures.SlowMLP", "data.batch_size=16", "trainer.max_epochs=25",
@@ -119,8 +121,8 @@ def test_a_timed_out_job_is_requeued_and_finishes_as_one_run(workdir):
     with _start_requeued_jobs_now():
         proc = subprocess.run(
             [sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=slurm",
-             "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=20",
-             "hydra.launcher.max_num_timeout=20", "hydra.sweep.dir=multirun/requeue",
+             "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=30",
+             "hydra.launcher.max_num_timeout=30", "hydra.sweep.dir=multirun/requeue",
              "logger.run_name=requeued", *job],
             cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,0 +1,142 @@
+"""A user's own model, data, loss and metrics (tests/fixtures/userpkg, on Hydra's search path):
+trained through the CLI (single and DDP), exact per loss item, and refused in one line when a
+component does not fit the next."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from torch.nn import functional as F
+
+from stepwise.build import build_trainer
+from stepwise.checkpoint import load_checkpoint
+from stepwise.data import epoch_permutation
+from stepwise.distributed import Replica
+from stepwise.runner import train
+from stepwise.tracking import NullTracker
+from tests.conftest import ROOT, prepare_job, run_cli
+
+FIXTURES = ROOT / "tests" / "fixtures"
+SEARCHPATH = "hydra.searchpath=[pkg://userpkg.conf]"
+ENV = {"PYTHONPATH": os.pathsep.join([str(FIXTURES), str(ROOT)])}
+sys.path.insert(0, str(FIXTURES))  # `userpkg` as the configs name it, for the in-process tests
+# Per-token targets, padded with ignore_index: 37 sequences of 1 to 12 tokens.
+TAGS = (SEARCHPATH, "model=tagger", "data=tags", "loss=cross_entropy", "metrics=none",
+        "logger=none", "trainer.precision=64", "trainer.progress_bar=false", "optim.lr=0.5",
+        "optim.momentum=0.0", "trainer.max_epochs=2")
+
+
+def _run(workdir: Path):
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("stepwise").experiment_id])
+    return run
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("parallel", ["single", "ddp"])
+def test_a_user_project_trains_from_its_own_config_groups(parallel, workdir):
+    args = [SEARCHPATH, "experiment=seqs", f"parallel={parallel}", "accum=2",
+            "trainer.max_epochs=2"]
+    proc = run_cli(*args, cwd=workdir, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = _run(workdir)
+    world = 2 if parallel == "ddp" else 1
+    assert run.info.status == "FINISHED"
+    assert run.data.params["world_size"] == str(world)
+    assert run.data.params["effective_batch_size"] == str(16 * 2 * world)
+    assert run.data.params["model._target_"] == "userpkg.models.BagOfTokens"
+    assert run.data.params["loss._target_"] == "userpkg.losses.Focal"
+    assert int(run.data.metrics["global_step"]) == int(run.data.params["total_optimizer_steps"])
+    for name in ("val/loss", "val/accuracy", "val/f1"):
+        assert 0 <= run.data.metrics[name] <= 1, name
+    assert run.data.metrics["val/accuracy"] > 0.5  # 50 validation sequences, two classes
+
+
+def _tags_weights(tmp_path: Path, b: int, k: int) -> dict[str, torch.Tensor]:
+    job = prepare_job(tmp_path / f"b{b}k{k}", *TAGS, f"data.batch_size={b}", f"accum={k}")
+    assert (job.plan.effective_batch_size, job.plan.last_window_samples) == (8, 5)  # 37 = 4x8+5
+    train(job, Replica("single", 0, 1, torch.device("cpu")), NullTracker())
+    return load_checkpoint(job.run_dir / "checkpoints" / "last.pt")["model"]
+
+
+def test_factorings_end_with_the_same_weights_per_token(tmp_path):
+    """(b, k) = (8, 1), (4, 2), (2, 4): micro-batches hold different numbers of real tokens, and
+    the last window is partial; the mean over the window's tokens makes them train alike."""
+    reference = _tags_weights(tmp_path, 8, 1)
+    for b, k in [(4, 2), (2, 4)]:
+        weights = _tags_weights(tmp_path, b, k)
+        for name, value in reference.items():
+            assert (weights[name] - value).abs().max().item() < 1e-12, (b, k, name)
+
+
+def test_each_step_is_the_mean_over_the_window_tokens_and_the_naive_mean_differs(tmp_path):
+    job = prepare_job(tmp_path, *TAGS, "data.batch_size=2", "accum=4")
+    trainer = build_trainer(job, Replica("single", 0, 1, torch.device("cpu")), NullTracker())
+    model, lr, dataset = trainer.model, job.plan.lr, job.data.train_set()
+    collate = job.data.collate(torch.float64)
+    order = epoch_permutation(job.plan.train_samples, job.config.seed, 0).tolist()
+    naive_differs = []
+    for s, (window, batches) in enumerate(trainer.windows(0)):
+        inputs, target = collate([dataset[i] for i in order[s * 8: s * 8 + window.samples]])
+        before = [p.detach().clone() for p in model.parameters()]
+        loss = F.cross_entropy(model(**inputs), target)  # the mean over the window's tokens
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        naive = sum(F.cross_entropy(model(**i), t) for i, t, _ in batches) / len(batches)
+        naive_grads = torch.autograd.grad(naive, list(model.parameters()))
+        trainer.train_step(batches, window)
+        for p, p0, g in zip(model.parameters(), before, grads):
+            assert (p.detach() - (p0 - lr * g)).abs().max().item() < 1e-12, s
+        naive_differs.append(max((g - n).abs().max().item() for g, n in zip(grads, naive_grads)))
+    assert len(naive_differs) == 5 and min(naive_differs) > 1e-4  # the test can tell them apart
+
+
+@pytest.mark.cli
+@pytest.mark.ddp
+def test_ddp_matches_one_process_per_token(workdir):
+    """W=2 with uneven shards (a rank with fewer or no real sequences in the last window) ends
+    where one process with the same effective batch ends."""
+    weights = {}
+    for name, args in (("single", ["data.batch_size=4", "accum=2"]),
+                       ("ddp", ["parallel=ddp", "data.batch_size=2", "accum=2"])):
+        run_dir = workdir / name
+        proc = run_cli(*TAGS, *args, f"hydra.run.dir={run_dir}", cwd=workdir, env=ENV)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        weights[name] = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+    for key, value in weights["single"].items():
+        assert (weights["ddp"][key] - value).abs().max().item() < 1e-12, key
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("args,expected", [
+    (["model._target_=userpkg.models.BagOfToken"],
+     "model._target_=userpkg.models.BagOfToken: userpkg.models has no BagOfToken; "
+     "fix: did you mean userpkg.models.BagOfTokens?"),
+    (["loss._target_=userpkg.lossess.Focal"],
+     "loss._target_=userpkg.lossess.Focal: userpkg has no lossess; fix: did you mean userpkg.losses?"),
+    (["+model.dimm=3"], "model.dimm=3: userpkg.models.BagOfTokens takes no such argument, and it "
+     "would be ignored; fix: did you mean model.dim?"),
+    (["+data.batchsize=3"], "data.batchsize=3: a data group without a stepwise schema is read as "
+     "data=dataset, which has no such key; fix: did you mean data.batch_size?"),
+    (["model=tagger"], "loss=userpkg.losses.Focal: cannot take the model's output [2, 2, 12] "),
+    (["loss._target_=userpkg.losses.batch_mean", "~loss.gamma"],
+     "loss._target_=userpkg.losses.batch_mean: returned shape [] for a batch of 2 samples"),
+    (["data.train._target_=userpkg.data.Empty"],
+     "data.train=userpkg.data.Empty: the training dataset is empty (len 0)"),
+    (["model._target_=userpkg.models.NoKwargs", "~model.vocab_size", "~model.dim"],
+     "model=userpkg.models.NoKwargs: cannot take a batch of data=Sequences, {tokens: [2, 12] "
+     "int64, mask: [2, 12] bool} (NoKwargs.forward() got an unexpected keyword argument"),
+    (["+metrics.bad={_target_: userpkg.losses.Focal}"],
+     "metrics.bad._target_=userpkg.losses.Focal: built a Focal, not a torchmetrics.Metric"),
+    (["data.collate_fn=null"], "data=Sequences: cannot make a batch of 2 training samples"),
+])
+def test_a_component_that_does_not_fit_is_one_line(args, expected, workdir):
+    proc = run_cli(SEARCHPATH, "experiment=seqs", *args, cwd=workdir, env=ENV)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.startswith("error: " + expected), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not (workdir / "mlflow.db").exists() and not list(workdir.glob("outputs/*/*/*.pt"))
