@@ -36,11 +36,11 @@ import torch.multiprocessing as mp
 from torch.nn import functional as F
 
 from stepwise.build import build_trainer
-from stepwise.data import epoch_permutation
 from stepwise.dist_env import DistEnv
 from stepwise.distributed import Replica, start_replica, stop_replica
 from stepwise.job import Job, prepare
 from stepwise.precision import AUTOCAST
+from stepwise.sampler import epoch_permutation
 
 # Full windows only (the hand-written loop drops an epoch's remainder too); no epoch budget.
 COMMON = ["trainer.progress_bar=false", "trainer.checkpoint_every_n_steps=0", "data.drop_last=true",

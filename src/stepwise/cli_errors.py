@@ -36,7 +36,7 @@ def default_option(group: str) -> str | None:
     """The group's option in conf/config.yaml's defaults list (`single` for parallel)."""
     import yaml
 
-    from stepwise.main import CONF_DIR
+    from stepwise.config import CONF_DIR
 
     defaults = yaml.safe_load((CONF_DIR / "config.yaml").read_text()).get("defaults", [])
     return next((entry[group] for entry in defaults if isinstance(entry, dict) and group in entry),

@@ -5,10 +5,13 @@ at composition. Each YAML option under `stepwise/conf/` names its schema in its 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # inside the package: a wheel carries it
 
 # -- model ------------------------------------------------------------------------------------
 # Input and output sizes are not config: the data tells the model its shape when it is built.

@@ -1,4 +1,6 @@
-"""The one error type a user's mistake raises: it names the key, the value and the fix."""
+"""The errors that end a run, each with its exit status: a user's mistake (ConfigError, 2), a run
+that did not do what it planned (PlanMismatch, NonFiniteLoss, RanksFailed: 1). A stop signal is
+`stepwise.signals.Stopped` (128 + the signal)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,26 @@ class ConfigError(ValueError):
         fix: what to type instead.
     """
 
+    exit_code = 2
+
     def __init__(self, key: str, value: Any, problem: str, fix: str) -> None:
         self.key, self.value, self.problem, self.fix = key, value, problem, fix
         super().__init__(f"{key}={_show(value)}: {problem}; fix: {fix}")
+
+
+class RunFailed(RuntimeError):
+    """The run started and could not end as planned: it is marked FAILED, never reported fine."""
+
+    exit_code = 1
+
+
+class PlanMismatch(RunFailed):
+    """What was executed differs from the plan."""
+
+
+class NonFiniteLoss(RunFailed):
+    """`trainer.on_nonfinite=stop` and a window's loss was NaN or infinite."""
+
+
+class RanksFailed(RunFailed):
+    """A DDP worker failed; the message holds its error."""

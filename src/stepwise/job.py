@@ -19,6 +19,7 @@ from stepwise.dist_env import DistEnv, ddp_world
 from stepwise.errors import ConfigError
 from stepwise.plan import Plan, derive_accum, make_plan
 from stepwise.probe import check_model
+from stepwise.schedule import adapted_optimizer_args
 
 if TYPE_CHECKING:
     from stepwise.sweep import SweepJob
@@ -297,18 +298,6 @@ def check_adapt_betas(config: Config, plan: Plan) -> None:
         raise ConfigError("lr_scaling.adapt_betas", True, f"belongs to the sqrt rule, not "
                           f"{config.lr_scaling.rule}", "use lr_scaling=sqrt or adapt_betas=false")
     adapted_optimizer_args(config, plan)  # raises if the betas leave [0, 1)
-
-
-def adapted_optimizer_args(config: Config, plan: Plan) -> dict[str, Any]:
-    """Optimizer keyword arguments that the LR rule changes: lr, and betas/eps under adapt_betas."""
-    args: dict[str, Any] = {"lr": plan.lr}
-    if config.lr_scaling.adapt_betas:
-        from stepwise.schedule import adapt_adam
-
-        kappa = plan.effective_batch_size / plan.base_batch_size
-        betas, eps = adapt_adam(tuple(config.optim.betas), config.optim.eps, kappa)
-        args.update(betas=betas, eps=eps)
-    return args
 
 
 def _data_name(data_cfg: Any) -> str:

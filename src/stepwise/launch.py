@@ -11,16 +11,13 @@ import uuid
 from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 
+from stepwise.errors import RanksFailed
 from stepwise.job import Job
 from stepwise.signals import STOP, STOP_SIGNALS, Stopped, stop_in
 
 log = logging.getLogger(__name__)
 
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
-
-
-class RanksFailed(RuntimeError):
-    """A spawned rank raised; the message names the rank and carries its traceback."""
 
 
 def spawn(job: Job, tracker, log_file: str | None) -> dict[str, float]:
@@ -87,7 +84,8 @@ def _worker(job: Job, run_id: str | None, tracking_uri: str | None,
     """One spawned rank: join the group, train, and log into the parent's MLflow run (rank 0)."""
     from stepwise.dist_env import detect
     from stepwise.distributed import start_replica, stop_replica
-    from stepwise.runner import resume_state, train
+    from stepwise.fit import train
+    from stepwise.resume import resume_state
     from stepwise.tracking import MlflowTracker, NullTracker
 
     STOP.install()

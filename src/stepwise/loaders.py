@@ -6,9 +6,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from stepwise.data import MicroBatchSampler
 from stepwise.distributed import Replica
 from stepwise.plan import Plan
+from stepwise.sampler import MicroBatchSampler
 
 
 class TensorPairDataset(Dataset):

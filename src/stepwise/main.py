@@ -13,13 +13,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 
-from stepwise.config import check_known_keys, give_user_groups_schemas, register_configs
+from stepwise.config import CONF_DIR, check_known_keys, give_user_groups_schemas, register_configs
 from stepwise.cpu_isa import guard_run
 from stepwise.errors import ConfigError
 from stepwise.signals import STOP, Stopped, stop_in
 
 log = logging.getLogger("stepwise")
-CONF_DIR = Path(__file__).resolve().parent / "conf"  # inside the package: a wheel carries it
 
 register_configs()
 
@@ -118,9 +117,8 @@ def _config_error(err: Exception, run_dir: Path, rank: int) -> None:
 
 
 def _train(job, run_dir: Path, rank: int) -> dict[str, float]:
-    from stepwise.launch import RanksFailed
+    from stepwise.errors import RanksFailed, RunFailed
     from stepwise.runner import execute
-    from stepwise.trainer import NonFiniteLoss, PlanMismatch
 
     try:
         return execute(job, log_file=str(run_dir / f"{HydraConfig.get().job.name}.log"))
@@ -128,12 +126,10 @@ def _train(job, run_dir: Path, rank: int) -> dict[str, float]:
         if rank == 0:
             print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except (NonFiniteLoss, PlanMismatch) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    except RanksFailed as err:
-        print(f"error: a DDP worker failed; the job is stopped.\n{err}", file=sys.stderr)
-        sys.exit(1)
+    except RunFailed as err:
+        why = "a DDP worker failed; the job is stopped.\n" if isinstance(err, RanksFailed) else ""
+        print(f"error: {why}{err}", file=sys.stderr)
+        sys.exit(err.exit_code)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

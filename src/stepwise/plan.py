@@ -196,6 +196,51 @@ class Plan:
         return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
 
 
+def _check_inputs(b: int, k: int, w: int, partial_window: str, max_steps: int, max_epochs: int,
+                  max_samples: int, base_lr: float, n: int) -> None:
+    _positive("data.batch_size", b, "samples per replica per micro-step")
+    _positive("accum", k, "micro-steps per optimizer step")
+    _positive("world_size", w, "data-parallel replicas")
+    if partial_window not in PARTIAL_WINDOW_POLICIES:
+        raise ConfigError("trainer.partial_window", partial_window, "unknown policy",
+                          f"use one of {', '.join(PARTIAL_WINDOW_POLICIES)}")
+    _budget("trainer.max_steps", max_steps, "optimizer steps")
+    _budget("trainer.max_epochs", max_epochs, "epochs")
+    _budget("trainer.max_samples", max_samples, "samples")
+    if max_steps == -1 and max_epochs == -1 and max_samples == -1:
+        raise ConfigError("trainer.max_epochs", max_epochs,
+                          "no budget: max_steps and max_samples are -1 too",
+                          "set trainer.max_epochs, trainer.max_steps or trainer.max_samples")
+    if not base_lr > 0:
+        raise ConfigError("optim.lr", base_lr, "must be positive", "set optim.lr, e.g. optim.lr=0.1")
+    if n <= 0:
+        raise ConfigError("data", n, "the training set is empty",
+                          "check the data group's size settings")
+
+
+def _epoch_shape(n: int, b: int, k: int, w: int, drop_last: bool, partial_window: str
+                 ) -> tuple[int, int, int, int]:
+    """(micro-steps, optimizer steps, micro-steps of the last window, samples used) per epoch."""
+    unit, effective = b * w, b * w * k
+    kept = (n // unit) * unit if drop_last else n
+    micro_steps = -(-kept // unit)
+    full_windows, rest = divmod(micro_steps, k)
+    if rest and partial_window == "step":
+        steps_per_epoch, last_micro = full_windows + 1, rest
+    else:
+        steps_per_epoch, last_micro = full_windows, k
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            "data.batch_size", b,
+            f"the plan has no optimizer step: {n} training samples do not fill one window of "
+            f"b x k x W = {b} x {k} x {w} = {effective} with data.drop_last={str(drop_last).lower()}"
+            f" and trainer.partial_window={partial_window}",
+            "lower data.batch_size or accum, or use trainer.partial_window=step and "
+            "data.drop_last=false",
+        )
+    return micro_steps, steps_per_epoch, last_micro, min(kept, steps_per_epoch * effective)
+
+
 def make_plan(
     *,
     train_samples: int,
@@ -220,45 +265,12 @@ def make_plan(
     Raises:
         ConfigError: a bad size or budget, or a plan with no optimizer step at all.
     """
-    _positive("data.batch_size", per_device_batch_size, "samples per replica per micro-step")
-    _positive("accum", accum, "micro-steps per optimizer step")
-    _positive("world_size", world_size, "data-parallel replicas")
-    if partial_window not in PARTIAL_WINDOW_POLICIES:
-        raise ConfigError("trainer.partial_window", partial_window, "unknown policy",
-                          f"use one of {', '.join(PARTIAL_WINDOW_POLICIES)}")
-    _budget("trainer.max_steps", max_steps, "optimizer steps")
-    _budget("trainer.max_epochs", max_epochs, "epochs")
-    _budget("trainer.max_samples", max_samples, "samples")
-    if max_steps == -1 and max_epochs == -1 and max_samples == -1:
-        raise ConfigError("trainer.max_epochs", max_epochs,
-                          "no budget: max_steps and max_samples are -1 too",
-                          "set trainer.max_epochs, trainer.max_steps or trainer.max_samples")
-    if not base_lr > 0:
-        raise ConfigError("optim.lr", base_lr, "must be positive", "set optim.lr, e.g. optim.lr=0.1")
-    if train_samples <= 0:
-        raise ConfigError("data", train_samples, "the training set is empty",
-                          "check the data group's size settings")
-
+    _check_inputs(per_device_batch_size, accum, world_size, partial_window, max_steps,
+                  max_epochs, max_samples, base_lr, train_samples)
     b, k, w, n = per_device_batch_size, accum, world_size, train_samples
-    unit = b * w
-    effective = unit * k
-    kept = (n // unit) * unit if drop_last else n
-    micro_steps = -(-kept // unit)
-    full_windows, rest = divmod(micro_steps, k)
-    if rest and partial_window == "step":
-        steps_per_epoch, last_micro = full_windows + 1, rest
-    else:
-        steps_per_epoch, last_micro = full_windows, k
-    used = min(kept, steps_per_epoch * effective)
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            "data.batch_size", b,
-            f"the plan has no optimizer step: {n} training samples do not fill one window of "
-            f"b x k x W = {b} x {k} x {w} = {effective} with data.drop_last={str(drop_last).lower()}"
-            f" and trainer.partial_window={partial_window}",
-            "lower data.batch_size or accum, or use trainer.partial_window=step and "
-            "data.drop_last=false",
-        )
+    unit, effective = b * w, b * w * k
+    micro_steps, steps_per_epoch, last_micro, used = _epoch_shape(n, b, k, w, drop_last,
+                                                                  partial_window)
 
     factor = lr_scale_factor(lr_rule, effective, base_batch_size)
 

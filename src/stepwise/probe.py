@@ -92,7 +92,7 @@ def probe_optimizer(config: Any, plan: Any) -> None:
     import torch
     from hydra.utils import instantiate
 
-    from stepwise.job import adapted_optimizer_args
+    from stepwise.schedule import adapted_optimizer_args
 
     optim = config.optim
     build = instantiate(dataclasses.asdict(optim))

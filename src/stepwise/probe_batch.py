@@ -61,7 +61,7 @@ def probe_batch(config: Any, data: Any, data_name: str, model: torch.nn.Module) 
         model.train()
     loss = build_loss(config, data)
     _check_loss(loss_node(config, data)["_target_"], loss, output, target)
-    for name, metric in build_metrics(config, data).items():
+    for name, metric in (build_metrics(config, data) or {}).items():
         try:
             metric.update(output.float() if output.is_floating_point() else output, target)
         except Exception as err:

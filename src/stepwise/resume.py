@@ -97,3 +97,14 @@ def check_compatible(path: Path, checkpoint: dict[str, Any], config: dict[str, A
         shown = "; ".join(wrong[:4]) + (f"; and {len(wrong) - 4} more" if len(wrong) > 4 else "")
         raise ConfigError("trainer.resume", str(path), f"the checkpoint is another run's ({shown})",
                           "resume with the config that made it, or trainer.resume=none")
+
+
+def resume_state(job) -> dict[str, Any] | None:
+    """The checkpoint this job continues, checked against its config (ConfigError if foreign)."""
+    if job.resume_from is None:
+        return None
+    from stepwise.checkpoint import load_checkpoint
+
+    state = load_checkpoint(job.resume_from)
+    check_compatible(job.resume_from, state, job.config_dict(), job.plan.to_dict())
+    return state

@@ -12,26 +12,14 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from stepwise.build import build_trainer
-from stepwise.checkpoint import load_checkpoint
-from stepwise.distributed import Replica, resolve_device, start_replica, stop_replica
+from stepwise.distributed import resolve_device, start_replica, stop_replica
+from stepwise.fit import train
 from stepwise.job import Job, run_params
+from stepwise.resume import resume_state
 from stepwise.signals import STOP, stop_in
 from stepwise.tracking import MlflowTracker, NullTracker, default_tracking_uri
-from stepwise.trainer import NullProgress
 
 log = logging.getLogger(__name__)
-
-
-def resume_state(job: Job) -> dict[str, Any] | None:
-    """The checkpoint this job continues, checked against its config (ConfigError if foreign)."""
-    if job.resume_from is None:
-        return None
-    from stepwise.resume import check_compatible
-
-    state = load_checkpoint(job.resume_from)
-    check_compatible(job.resume_from, state, job.config_dict(), job.plan.to_dict())
-    return state
 
 
 def open_run(job: Job, resumed: dict[str, Any] | None = None):
@@ -59,15 +47,6 @@ def open_run(job: Job, resumed: dict[str, Any] | None = None):
     for artifact in ("config.yaml", "plan.json"):
         tracker.log_artifact(job.run_dir / artifact)
     return tracker
-
-
-def _progress(job: Job, replica: Replica, done: int):
-    if not (replica.is_main and job.config.trainer.progress_bar):
-        return NullProgress()
-    from tqdm import tqdm
-
-    return tqdm(total=job.plan.total_optimizer_steps, initial=done, desc="optimizer steps",
-                unit="step", disable=None)
 
 
 def owning_run(job: Job, body: Callable[[Any], Any], resumed: dict[str, Any] | None):
@@ -122,30 +101,3 @@ def execute(job: Job, log_file: str | None = None) -> dict[str, float]:
         raise
     stop_replica(replica)
     return result
-
-
-def train(job: Job, replica: Replica, tracker, resumed: dict[str, Any] | None = None
-          ) -> dict[str, float]:
-    """Fit from scratch or from `resumed`, and write the final checkpoint.
-
-    From the first step on, a stop signal is recorded and honoured after the step it arrives in;
-    one that arrives after the last step changes nothing (the run is complete).
-    """
-    STOP.install()
-    trainer = build_trainer(job, replica, tracker)
-    if resumed is not None:
-        trainer.load_state_dict(resumed)
-        log.info("resumed from %s at global_step %d (epoch %d, step %d of it)", job.resume_from,
-                 trainer.counters.global_step, trainer.counters.epoch,
-                 trainer.counters.step_in_epoch)
-    trainer.progress = _progress(job, replica, trainer.counters.global_step)
-    with STOP.deferred():
-        try:
-            metrics = trainer.fit()
-        finally:
-            trainer.progress.close()
-            tracker.flush()
-        trainer.save(trainer)
-    if replica.is_main:
-        log.info("done: %s", ", ".join(f"{k}={v:.6g}" for k, v in metrics.items()))
-    return metrics

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from stepwise.errors import ConfigError
 
@@ -123,3 +124,13 @@ def adapt_adam(betas: tuple[float, float], eps: float, kappa: float) -> tuple[tu
                           f" turns betas {list(betas)} into {[round(b, 6) for b in adapted]}, "
                           "outside [0, 1)", "use a smaller effective batch or adapt_betas=false")
     return (adapted[0], adapted[1]), eps / math.sqrt(kappa)
+
+
+def adapted_optimizer_args(config: Any, plan: Any) -> dict[str, Any]:
+    """Optimizer keyword arguments that the LR rule changes: lr, and betas/eps under adapt_betas."""
+    args: dict[str, Any] = {"lr": plan.lr}
+    if config.lr_scaling.adapt_betas:
+        kappa = plan.effective_batch_size / plan.base_batch_size
+        betas, eps = adapt_adam(tuple(config.optim.betas), config.optim.eps, kappa)
+        args.update(betas=betas, eps=eps)
+    return args

@@ -6,7 +6,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -14,6 +14,7 @@ from torch import nn
 
 from stepwise.batches import call_model, to_device
 from stepwise.distributed import Replica
+from stepwise.errors import NonFiniteLoss, PlanMismatch
 from stepwise.losses import item_mask, masked_sum, mean_loss, per_sample
 from stepwise.plan import Plan, Window
 from stepwise.precision import Precision, inputs_memory_format
@@ -22,14 +23,6 @@ from stepwise.signals import STOP, Stopped, StopSignals
 log = logging.getLogger(__name__)
 
 Batch = tuple[Any, torch.Tensor, int]  # inputs, target, real samples (the rest is padding)
-
-
-class PlanMismatch(RuntimeError):
-    """What was executed differs from the plan: the run is failed, never reported as fine."""
-
-
-class NonFiniteLoss(RuntimeError):
-    """`trainer.on_nonfinite=stop` and a window's loss was NaN or infinite."""
 
 
 @dataclass
@@ -53,7 +46,8 @@ class Parts:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler  # stepped once per optimizer step
     loss: Callable  # per-item values (stepwise/losses.py); the loop reduces them
-    metrics: dict[str, Any] = field(default_factory=dict)  # torchmetrics, logged as val/<name>
+    # torchmetrics, logged as val/<name>; None: val/accuracy counted by the loop (classification)
+    metrics: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -311,7 +305,9 @@ class Trainer:
         """Exact validation metrics: sums and counts (and metric states) reduced over ranks,
         never means of means. `val/loss` is the mean over the real items."""
         self.model.eval()
-        totals = torch.zeros(2, device=self.replica.device, dtype=torch.float64)  # sum, items
+        # loss sum, items, correct (the loop's own accuracy: every real item's argmax)
+        totals = torch.zeros(3, device=self.replica.device, dtype=torch.float64)
+        metrics = self.metrics or {}
         for inputs, target in self.val_loader:
             inputs, target = self._on_device(*to_device((inputs, target), self.replica.device))
             with self.precision.autocast():
@@ -319,17 +315,22 @@ class Trainer:
                 values = self.loss(out, target)
             mask = item_mask(self.loss, target)
             if mask is None:
-                totals += torch.stack([per_sample(values).sum().double(),
-                                       torch.tensor(float(len(values)), device=totals.device)])
+                totals[0] += per_sample(values).sum()
+                totals[1] += len(values)
             else:
-                totals += torch.stack([masked_sum(values, mask, len(values)).double(),
-                                       mask.sum().double()])
-            for metric in self.metrics.values():
+                totals[0] += masked_sum(values, mask, len(values))
+                totals[1] += mask.sum()
+            if self.metrics is None:  # the loop's own accuracy, over the real items
+                hits = out.argmax(1) == target
+                totals[2] += (hits if mask is None else hits & mask).sum()
+            for metric in metrics.values():
                 metric.update(out.float() if out.is_floating_point() else out, target)
         self.model.train()
-        loss_sum, count = self.replica.sum(totals).tolist()
+        loss_sum, count, correct = self.replica.sum(totals).tolist()
         results = {"val/loss": loss_sum / max(count, 1)}
-        for name, metric in self.metrics.items():
+        if self.metrics is None:
+            results["val/accuracy"] = correct / max(count, 1)
+        for name, metric in metrics.items():
             value = metric.compute()  # torchmetrics sums the states over ranks first
             metric.reset()
             results.update(scalars(f"val/{name}", value))

@@ -7,9 +7,9 @@ from torch.nn import functional as F
 
 from stepwise.build import build_trainer
 from stepwise.checkpoint import load_checkpoint
-from stepwise.data import epoch_permutation
 from stepwise.distributed import Replica
-from stepwise.runner import train
+from stepwise.fit import train
+from stepwise.sampler import epoch_permutation
 from stepwise.tracking import NullTracker
 from tests.conftest import prepare_job
 
@@ -75,7 +75,7 @@ def test_the_end_of_run_check_fails_on_a_mismatch(tmp_path):
 
     import pytest
 
-    from stepwise.trainer import PlanMismatch
+    from stepwise.errors import PlanMismatch
 
     job = prepare_job(tmp_path, "logger=none", "trainer.progress_bar=false", "trainer.max_steps=5",
                       "schedule=cosine")

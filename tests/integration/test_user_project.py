@@ -15,9 +15,9 @@ from torch.nn import functional as F
 
 from stepwise.build import build_trainer
 from stepwise.checkpoint import load_checkpoint
-from stepwise.data import epoch_permutation
 from stepwise.distributed import Replica
-from stepwise.runner import train
+from stepwise.fit import train
+from stepwise.sampler import epoch_permutation
 from stepwise.tracking import NullTracker
 from tests.conftest import ROOT, prepare_job, run_cli
 

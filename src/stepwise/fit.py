@@ -1,0 +1,49 @@
+"""One replica's training: build the parts, resume if asked, fit, write the final checkpoint."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from stepwise.build import build_trainer
+from stepwise.distributed import Replica
+from stepwise.signals import STOP
+from stepwise.trainer import NullProgress
+
+log = logging.getLogger("stepwise.runner")
+
+
+def _progress(job, replica: Replica, done: int):
+    if not (replica.is_main and job.config.trainer.progress_bar):
+        return NullProgress()
+    from tqdm import tqdm
+
+    return tqdm(total=job.plan.total_optimizer_steps, initial=done, desc="optimizer steps",
+                unit="step", disable=None)
+
+
+def train(job, replica: Replica, tracker, resumed: dict[str, Any] | None = None
+          ) -> dict[str, float]:
+    """Fit from scratch or from `resumed`, and write the final checkpoint.
+
+    From the first step on, a stop signal is recorded and honoured after the step it arrives in;
+    one that arrives after the last step changes nothing (the run is complete).
+    """
+    STOP.install()
+    trainer = build_trainer(job, replica, tracker)
+    if resumed is not None:
+        trainer.load_state_dict(resumed)
+        log.info("resumed from %s at global_step %d (epoch %d, step %d of it)", job.resume_from,
+                 trainer.counters.global_step, trainer.counters.epoch,
+                 trainer.counters.step_in_epoch)
+    trainer.progress = _progress(job, replica, trainer.counters.global_step)
+    with STOP.deferred():
+        try:
+            metrics = trainer.fit()
+        finally:
+            trainer.progress.close()
+            tracker.flush()
+        trainer.save(trainer)
+    if replica.is_main:
+        log.info("done: %s", ", ".join(f"{k}={v:.6g}" for k, v in metrics.items()))
+    return metrics
