@@ -202,3 +202,13 @@ class MlflowTracker:
             self.flush()
         finally:
             retrying(self.client.set_terminated, self.run_id, status=status)
+
+
+def scalars(name: str, value: Any) -> dict[str, float]:
+    """A metric's value as MLflow metrics: `name` for a scalar, `name/<i>` per element else."""
+    import torch
+
+    value = torch.as_tensor(value).detach().double().cpu()
+    if value.numel() == 1:
+        return {name: value.item()}
+    return {f"{name}/{i}": v for i, v in enumerate(value.flatten().tolist())}

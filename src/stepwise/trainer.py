@@ -19,6 +19,7 @@ from stepwise.losses import item_mask, masked_sum, mean_loss, per_sample
 from stepwise.plan import Plan, Window
 from stepwise.precision import Precision, inputs_memory_format
 from stepwise.signals import STOP, Stopped, StopSignals
+from stepwise.tracking import scalars
 
 log = logging.getLogger(__name__)
 
@@ -395,11 +396,3 @@ class Trainer:
             torch.set_rng_state(rng["cpu"])
             if "cuda" in rng and self.replica.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"], self.replica.device)
-
-
-def scalars(name: str, value: Any) -> dict[str, float]:
-    """A metric's value as MLflow metrics: `name` for a scalar, `name/<i>` per element else."""
-    value = torch.as_tensor(value).detach().double().cpu()
-    if value.numel() == 1:
-        return {name: value.item()}
-    return {f"{name}/{i}": v for i, v in enumerate(value.flatten().tolist())}
