@@ -47,7 +47,7 @@ def _worker(rank: int, port: int, steps: int, repeats: int, out: str) -> None:
     env = DistEnv("torchrun", rank, rank, 2, 2, 0, "127.0.0.1", port)
     os.environ.update(env.torch_env())
     job = prepare(_compose(steps), Path(out), Path(out), env)
-    replica = start_replica(job.config.parallel, "cpu", env)
+    replica = start_replica(job.world, job.config.parallel, "cpu")
     times: dict[str, list[float]] = {"no_sync": [], "sync_every_micro_step": []}
     for _ in range(repeats):
         for variant in times:  # alternate, so that drift hits both alike

@@ -226,7 +226,7 @@ def _ddp_worker(rank: int, port: int, args, out: str, queue) -> None:
     overrides = WORKLOADS["W4"][1]
     job = prepare(compose([*COMMON, *settings(args), *overrides, "trainer.max_steps=1"]),
                   Path(out), Path(out), env)
-    replica = start_replica(job.config.parallel, args.device, env)
+    replica = start_replica(job.world, job.config.parallel, args.device)
     lines = measure("W4", overrides, replica, env, args, Path(out))
     if rank == 0:
         queue.put(lines)

@@ -302,7 +302,7 @@ def register_configs() -> None:
     """Store the root schema and one schema per group option under `schema/<group>/<name>`."""
     from omegaconf import OmegaConf
 
-    from stepwise.dist_env import submitit_tasks_per_node
+    from stepwise.world import submitit_tasks_per_node
 
     # conf/hydra/launcher/*.yaml: tasks_per_node follows parallel (one task per DDP rank).
     if not OmegaConf.has_resolver("stepwise.tasks_per_node"):

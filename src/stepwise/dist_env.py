@@ -13,7 +13,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from stepwise.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -88,44 +87,3 @@ def detect(env: Mapping[str, str]) -> DistEnv:
             master_port=20000 + int(env.get("SUBMITIT_LOCAL_JOB_ID", "0")) % 20000,
         )
     return DistEnv()
-
-
-def ddp_world(nproc: int | None, nnodes: int, env: DistEnv, gpus: int) -> tuple[int, int]:
-    """(processes per node, world size) for `parallel=ddp`, checked against the launcher.
-
-    Args:
-        nproc: `parallel.nproc`; None means the launcher's count, else the GPUs, else 2.
-        nnodes: `parallel.nnodes`.
-        env: what launched this process.
-        gpus: CUDA devices visible to this process.
-    """
-    if nproc is not None and nproc < 1:
-        raise ConfigError("parallel.nproc", nproc, "must be at least 1",
-                          "set parallel.nproc=2, or null for the default")
-    if nnodes < 1:
-        raise ConfigError("parallel.nnodes", nnodes, "must be at least 1", "set parallel.nnodes=1")
-    if env.launched:
-        if nproc is not None and nproc != env.local_world_size:
-            launcher = {"slurm": "the SLURM allocation",
-                        "submitit": "submitit's local launcher"}.get(env.source, "torchrun")
-            raise ConfigError(
-                "parallel.nproc", nproc,
-                f"{launcher} started {env.local_world_size} processes per node",
-                f"set parallel.nproc={env.local_world_size} or null, or start {nproc} tasks per node",
-            )
-        return env.local_world_size, env.world_size
-    per_node = nproc if nproc is not None else (gpus or 2)
-    return per_node, per_node * nnodes
-
-
-def submitit_tasks_per_node(mode: str, nproc: int | None, gpus_per_node: int | None) -> int:
-    """Tasks per node a submitit launcher starts for `parallel`: one per DDP rank, else one.
-
-    With `parallel.nproc=null`, DDP runs one rank per GPU of the node, or 2 on CPU-only nodes
-    (the default of `python train.py parallel=ddp` on one machine).
-    """
-    if mode != "ddp":
-        return 1
-    if nproc is not None:
-        return nproc
-    return gpus_per_node or 2

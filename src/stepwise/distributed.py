@@ -13,7 +13,7 @@ from datetime import timedelta
 import torch
 from torch import nn
 
-from stepwise.dist_env import DistEnv
+from stepwise.world import World
 
 
 @dataclass
@@ -152,21 +152,22 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def start_replica(parallel, device: str, env: DistEnv) -> Replica:
-    """The replica for `parallel` (a config section); for DDP, join the process group first.
+def start_replica(world: World, parallel, device: str) -> Replica:
+    """The replica of this process in `world`; for DDP, join the process group first.
 
     Args:
-        parallel: the `parallel` config (mode and its options).
+        world: the job's world (stepwise.world), as this process's rank sees it.
+        parallel: the `parallel` config, for the options of its mode.
         device: `trainer.device`.
-        env: this process's launcher environment (torchrun, SLURM or stepwise's spawner).
     """
-    if parallel.mode == "single":
+    if world.mode == "single":
         return Replica("single", 0, 1, resolve_device(device))
-    if parallel.mode == "dp":
-        ids = parallel.device_ids or list(range(torch.cuda.device_count()))
-        return Replica("dp", 0, len(ids), torch.device("cuda", ids[0]), device_ids=ids)
+    if world.mode == "dp":
+        ids = list(world.device_ids)
+        return Replica("dp", 0, world.size, torch.device("cuda", ids[0]), device_ids=ids)
     import torch.distributed as dist
 
+    env = world.env
     os.environ.update(env.torch_env())  # SLURM gives these under other names
     target = resolve_device(device, env.local_rank)
     if target.type == "cuda":
@@ -174,9 +175,9 @@ def start_replica(parallel, device: str, env: DistEnv) -> Replica:
     backend = parallel.backend
     if backend == "auto":
         backend = "nccl" if target.type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
+    dist.init_process_group(backend, rank=world.rank, world_size=world.size,
                             timeout=timedelta(seconds=parallel.timeout_s))
-    return Replica("ddp", env.rank, env.world_size, target,
+    return Replica("ddp", world.rank, world.size, target,
                    sync_batchnorm=parallel.sync_batchnorm,
                    find_unused_parameters=parallel.find_unused_parameters)
 

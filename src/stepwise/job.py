@@ -15,18 +15,18 @@ from typing import TYPE_CHECKING, Any
 
 from stepwise.config import Config
 from stepwise.data import ArrayData, build_data
-from stepwise.dist_env import DistEnv, ddp_world
+from stepwise.dist_env import DistEnv
 from stepwise.errors import ConfigError
 from stepwise.plan import Plan, derive_accum, make_plan
 from stepwise.probe import check_model
 from stepwise.schedule import adapted_optimizer_args
+from stepwise.world import World, resolve_world
 
 if TYPE_CHECKING:
     from stepwise.sweep import SweepJob
 
 log = logging.getLogger("stepwise")
 PARALLEL_MODES = ("single", "dp", "ddp")
-BACKENDS = ("auto", "gloo", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("32", "64", "bf16", "16-mixed")  # see stepwise/precision.py
 LOGGER_BACKENDS = ("mlflow", "none")
@@ -43,8 +43,7 @@ class Job:
     plan: Plan
     run_dir: Path
     start_dir: Path
-    env: DistEnv = DistEnv()
-    nproc: int = 1  # processes per node (ddp); 1 otherwise
+    world: World = World()  # the replicas W, processes per node, and this process's rank
     resume_from: Path | None = None  # the checkpoint this run continues, if any
     sweep: SweepJob | None = None  # set for a job of a multirun: its parent run
     auto_batch_tried: tuple[int, ...] = ()  # data.batch_size=auto: the sizes tried, last fitted
@@ -209,50 +208,18 @@ def check_fast_path(trainer: Any) -> None:
                           "trainer.compile=false")
 
 
+def visible_gpus(config: Config) -> int:
+    """CUDA devices the world may use; torch is imported only for dp and ddp off the CPU."""
+    mode = config.parallel.mode
+    if mode == "single" or (mode == "ddp" and config.trainer.device == "cpu"):
+        return 0
+    return _cuda_devices()
+
+
 def _cuda_devices() -> int:
     import torch
 
     return torch.cuda.device_count()
-
-
-def resolve_world(config: Config, env: DistEnv) -> tuple[int, int]:
-    """(processes per node, data-parallel world size W) for the parallel mode, checked."""
-    mode, parallel = config.parallel.mode, config.parallel
-    if mode == "single":
-        if env.launched and env.world_size > 1:
-            raise ConfigError("parallel", "single", f"{env.source} started {env.world_size} "
-                              "processes, which would all train the same model alone",
-                              "use parallel=ddp, or start one process")
-        return 1, 1
-    if mode == "dp":
-        gpus = _cuda_devices()
-        if gpus == 0:
-            raise ConfigError("parallel", "dp", "nn.DataParallel needs CUDA devices and none is "
-                              "visible", "use parallel=ddp (gloo on CPU) or parallel=single")
-        ids = parallel.device_ids if parallel.device_ids is not None else list(range(gpus))
-        if not ids or any(not 0 <= i < gpus for i in ids) or len(set(ids)) != len(ids):
-            raise ConfigError("parallel.device_ids", ids, f"must be distinct ids in 0..{gpus - 1}",
-                              "list visible GPUs, or null for all of them")
-        return 1, len(ids)
-    _one_of("parallel.backend", parallel.backend, BACKENDS)
-    if parallel.timeout_s <= 0:
-        raise ConfigError("parallel.timeout_s", parallel.timeout_s, "must be positive",
-                          "set a number of seconds, e.g. parallel.timeout_s=300")
-    gpus = _cuda_devices() if config.trainer.device != "cpu" else 0
-    if parallel.backend == "nccl" and gpus == 0:
-        raise ConfigError("parallel.backend", "nccl", "NCCL needs CUDA devices and none is "
-                          "visible", "use parallel.backend=gloo or auto")
-    if not env.launched and parallel.nnodes > 1:
-        raise ConfigError("parallel.nnodes", parallel.nnodes, "stepwise spawns processes on one "
-                          "node only", "start each node with torchrun (see launch/README.md)")
-    nproc, world = ddp_world(parallel.nproc, parallel.nnodes, env, gpus)
-    if env.launched and world != nproc * parallel.nnodes:
-        raise ConfigError("parallel.nnodes", parallel.nnodes, f"the launcher started {world} "
-                          f"processes, {nproc} per node", f"set parallel.nnodes={world // nproc}")
-    if gpus and nproc > gpus and config.trainer.device != "cpu":
-        raise ConfigError("parallel.nproc", nproc, f"only {gpus} GPUs are visible",
-                          f"set parallel.nproc={gpus} or fewer, or trainer.device=cpu")
-    return nproc, world
 
 
 def resolve_accum(config: Config, world_size: int) -> tuple[int, int]:
@@ -317,15 +284,15 @@ def prepare(config: Config, run_dir: Path, start_dir: Path, env: DistEnv | None 
     """
     env = env or DistEnv()
     validate(config)
-    nproc, world_size = resolve_world(config, env)
-    batch_size, accum = resolve_accum(config, world_size)
+    world = resolve_world(config.parallel, config.trainer.device, env, visible_gpus(config))
+    batch_size, accum = resolve_accum(config, world.size)
     data = build_data(dataclasses.asdict(config.data))
     check_model(config.model, data, _data_name(config.data))
     images = len(data.input_shape or ()) == 3
     if config.trainer.channels_last and not images:
         raise ConfigError("trainer.channels_last", True, f"data={_data_name(config.data)} gives "
                           "vectors, not images", "set trainer.channels_last=false")
-    plan = plan_for(config, data, world_size, batch_size, accum)
+    plan = plan_for(config, data, world.size, batch_size, accum)
     check_adapt_betas(config, plan)
     if not config.dry_run or images or not isinstance(data, ArrayData):  # torch is loaded already
         from stepwise.probe import probe
@@ -336,7 +303,7 @@ def prepare(config: Config, run_dir: Path, start_dir: Path, env: DistEnv | None 
     from stepwise.resume import find_checkpoint
 
     return Job(config=config, data=data, plan=plan, run_dir=run_dir, start_dir=start_dir,
-               env=env, nproc=nproc, resume_from=find_checkpoint(config.trainer.resume, run_dir),
+               world=world, resume_from=find_checkpoint(config.trainer.resume, run_dir),
                sweep=sweep)
 
 

@@ -21,7 +21,7 @@ LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 
 def spawn(job: Job, tracker, log_file: str | None) -> dict[str, float]:
-    """Run `job.nproc` DDP workers on this node; return rank 0's final metrics.
+    """Run `job.world.nproc` DDP workers on this node; return rank 0's final metrics.
 
     The elastic launcher watches the workers: when one fails, it stops the others and raises
     ChildFailedError with the failing rank's traceback (as torchrun would print it).
@@ -30,14 +30,14 @@ def spawn(job: Job, tracker, log_file: str | None) -> dict[str, float]:
 
     timeout = job.config.parallel.timeout_s
     config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=job.nproc, run_id=uuid.uuid4().hex,
+        min_nodes=1, max_nodes=1, nproc_per_node=job.world.nproc, run_id=uuid.uuid4().hex,
         rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", rdzv_configs={"timeout": timeout},
         max_restarts=0, monitor_interval=0.1, start_method="spawn",
         # SIGTERM/SIGUSR2 reach the workers, which finish their step and checkpoint meanwhile.
         **_supported(LaunchConfig, shutdown_timeout=timeout,  # torch >= 2.12
                      signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2"),  # torch >= 2.10
     )
-    log.info("spawning %d DDP workers (world_size=%d)", job.nproc, job.plan.world_size)
+    log.info("spawning %d DDP workers (world_size=%d)", job.world.nproc, job.world.size)
     run_id = getattr(tracker, "run_id", None)
     uri = getattr(tracker, "tracking_uri", None)
     # The launcher replaces the handlers of the signals it forwards, and does not put them back.
@@ -90,10 +90,10 @@ def _worker(job: Job, run_id: str | None, tracking_uri: str | None,
 
     STOP.install()
     _die_with_parent()
-    env = detect(os.environ)
-    _configure_logging(env.rank, log_file)
+    world = job.world.joined(detect(os.environ))
+    _configure_logging(world.rank, log_file)
     try:
-        replica = start_replica(job.config.parallel, job.config.trainer.device, env)
+        replica = start_replica(world, job.config.parallel, job.config.trainer.device)
     except BaseException as err:
         if (stop := stop_in(err)) is None:
             raise

@@ -76,14 +76,14 @@ def execute(job: Job, log_file: str | None = None) -> dict[str, float]:
     """Run the job: spawn DDP workers if nobody launched us, else train as this process's rank."""
     from stepwise.autobatch import fit_batch_size
 
-    if job.config.parallel.mode == "ddp" and not job.env.launched:
+    if job.world.spawns:
         from stepwise.launch import spawn
 
         # Tried once, here, on the device of local rank 0; the workers get the job as decided.
         job = fit_batch_size(job, resolve_device(job.config.trainer.device))
         resumed = resume_state(job)
         return owning_run(job, lambda tracker: spawn(job, tracker, log_file), resumed)
-    replica = start_replica(job.config.parallel, job.config.trainer.device, job.env)
+    replica = start_replica(job.world, job.config.parallel, job.config.trainer.device)
     try:
         job = fit_batch_size(job, replica.device, replica)
         resumed = resume_state(job)

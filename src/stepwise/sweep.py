@@ -21,7 +21,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from stepwise.dist_env import submitit_tasks_per_node
+from stepwise.world import submitit_tasks_per_node
 from stepwise.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -78,7 +78,7 @@ def _count_allreduce_rounds(rank: int, tmp: str, sync_every: bool, queue) -> Non
     job = prepare_job(Path(tmp) / f"r{rank}", "parallel=ddp", "parallel.nproc=2", "logger=none",
                       "data.batch_size=16", "accum=8", "trainer.max_steps=4",
                       "trainer.progress_bar=false")
-    replica = start_replica(job.config.parallel, "cpu", env)
+    replica = start_replica(job.world.joined(env), job.config.parallel, "cpu")
     replica.sync_every_micro_step = sync_every
     trainer = build_trainer(job, replica, NullTracker())
     rounds = []

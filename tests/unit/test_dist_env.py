@@ -1,18 +1,14 @@
-"""Launcher environments read from plain mappings (no process group needed)."""
+"""Launcher environments read from plain mappings, and the world they make with the `parallel`
+config (pure values: no process group needed)."""
 
 from __future__ import annotations
 
 import pytest
 
-from stepwise.dist_env import (
-    DistEnv,
-    ddp_world,
-    detect,
-    first_host,
-    submitit_tasks_per_node,
-    tasks_per_node,
-)
+from stepwise.config import DDPConfig, DPConfig, ParallelConfig
+from stepwise.dist_env import DistEnv, detect, first_host, tasks_per_node
 from stepwise.errors import ConfigError
+from stepwise.world import World, ddp_world, resolve_world, submitit_tasks_per_node
 
 TORCHRUN = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
             "GROUP_RANK": "1", "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29400"}
@@ -86,3 +82,30 @@ def test_submitit_local_tasks_are_ranks():
 ])
 def test_submitit_tasks_per_node_follows_parallel(mode, nproc, gpus, expected):
     assert submitit_tasks_per_node(mode, nproc, gpus) == expected
+
+
+def test_the_world_of_each_mode():
+    assert resolve_world(ParallelConfig(), "auto", DistEnv(), 4) == World()
+    dp = resolve_world(DPConfig(device_ids=[2, 0]), "auto", DistEnv(), 4)
+    assert (dp.mode, dp.size, dp.nproc, dp.device_ids, dp.rank) == ("dp", 2, 1, (2, 0), 0)
+    spawned = resolve_world(DDPConfig(), "auto", DistEnv(), 0)
+    assert (spawned.size, spawned.nproc, spawned.rank, spawned.spawns) == (2, 2, 0, True)
+    worker = spawned.joined(detect({**TORCHRUN, "RANK": "1", "WORLD_SIZE": "2"}))
+    assert (worker.size, worker.nproc, worker.rank, worker.spawns) == (2, 2, 1, False)
+    launched = resolve_world(DDPConfig(nnodes=4), "cpu", detect(SRUN), 8)
+    assert (launched.size, launched.nproc, launched.rank, launched.spawns) == (8, 2, 5, False)
+
+
+@pytest.mark.parametrize("parallel,device,env,gpus,key", [
+    (ParallelConfig(), "auto", detect(SRUN), 0, "parallel"),  # 8 ranks would train alone
+    (DPConfig(), "auto", DistEnv(), 0, "parallel"),  # no GPU
+    (DPConfig(device_ids=[0, 0]), "auto", DistEnv(), 2, "parallel.device_ids"),
+    (DDPConfig(backend="nccl"), "cpu", DistEnv(), 4, "parallel.backend"),
+    (DDPConfig(nnodes=2), "cpu", DistEnv(), 0, "parallel.nnodes"),  # spawns on one node only
+    (DDPConfig(nnodes=3), "cpu", detect(SRUN), 0, "parallel.nnodes"),  # 8 ranks, 2 per node
+    (DDPConfig(nproc=4), "auto", DistEnv(), 2, "parallel.nproc"),  # only 2 GPUs
+])
+def test_a_world_that_cannot_be_is_one_config_error(parallel, device, env, gpus, key):
+    with pytest.raises(ConfigError) as err:
+        resolve_world(parallel, device, env, gpus)
+    assert err.value.key == key
