@@ -2,8 +2,9 @@
 `_target_`, with an optional collate function (DESIGN section 5).
 
 The datasets are described, not held: every process (each DDP rank, each loader worker) builds
-its own from the same config, as it would with torchvision's. `prepare` builds them once to
-learn their sizes and the shape of a sample, then lets them go.
+its own from the same config, as it would with torchvision's. Within a process each is built
+once (`prepare` learns its size and a sample's shape, then the probe, `data.batch_size=auto`
+and the loaders reuse it), since a user's dataset may take seconds to read.
 
 The loader's collate function splits each batch into the model's inputs and the loss's target
 (stepwise/batches.py says how).
@@ -36,14 +37,10 @@ class DatasetData:
     input_shape: tuple[int, ...] | None = None  # one sample's input, when it is one tensor
 
     def train_set(self, dtype=None, seed: int = 0):
-        from stepwise.components import build
-
-        return build("data.train", self.train)
+        return _built("data.train", self.train)
 
     def val_set(self, dtype=None):
-        from stepwise.components import build
-
-        return build("data.val", self.val) if self.val is not None else None
+        return _built("data.val", self.val) if self.val is not None else None
 
     def collate(self, dtype) -> Callable[[list], tuple[Any, Any]]:
         """The loader's collate function: the user's (or torch's default), then split and cast."""
@@ -97,6 +94,20 @@ def datasets(train: Mapping[str, Any], val: Mapping[str, Any] | None = None,
     return dataclasses.replace(described, train_samples=sizes["data.train"],
                                val_samples=sizes.get("data.val", 0), num_outputs=outputs,
                                input_shape=_input_shape(train_set))
+
+
+_BUILT: dict[str, Any] = {}  # this process's datasets, by their config
+
+
+def _built(key: str, node: Mapping[str, Any]) -> Any:
+    import json
+
+    from stepwise.components import build
+
+    name = json.dumps([key, node], sort_keys=True, default=repr)
+    if name not in _BUILT:
+        _BUILT[name] = build(key, node)
+    return _BUILT[name]
 
 
 def _length(key: str, node: Mapping[str, Any], dataset: Any) -> int:

@@ -15,29 +15,40 @@ the micro-batch is padding.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.nn import functional as F
+
+NO_CLASS = -(2**63)  # an ignore_index no target can hold: 1-D targets are all samples
 
 
 class CrossEntropy:
     """Cross-entropy of logits (N, C) or (N, C, d1, ...) against class indices (N) or (N, d1, ...).
 
     Targets with more than one dimension (tokens) are loss items, and `ignore_index` marks the
-    padding among them; targets of one dimension make each sample one item.
+    padding among them. Targets of one dimension make each sample one item, counted by the plan;
+    they must all be class indices: `ignore_index` does not apply to them (a sample left out
+    would change the window's count, which the plan fixed), so a target of -100 is an IndexError
+    ("Target -100 is out of bounds") rather than a sample weighted one way in a full micro-batch
+    and another in a partial one.
     """
 
     def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0) -> None:
         self.ignore_index, self.label_smoothing = ignore_index, label_smoothing
 
     def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(output, target, reduction="none", ignore_index=self.ignore_index,
+        return F.cross_entropy(output, target, reduction="none", ignore_index=self._ignored(target),
                                label_smoothing=self.label_smoothing)
+
+    def _ignored(self, target: torch.Tensor) -> int:
+        return self.ignore_index if target.dim() > 1 else NO_CLASS
 
     def item_mask(self, target: torch.Tensor) -> torch.Tensor | None:
         return target != self.ignore_index if target.dim() > 1 else None
 
     def mean(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(output, target, ignore_index=self.ignore_index,
+        return F.cross_entropy(output, target, ignore_index=self._ignored(target),
                                label_smoothing=self.label_smoothing)
 
     def __repr__(self) -> str:
@@ -75,5 +86,12 @@ def masked_sum(values: torch.Tensor, mask: torch.Tensor, real: int) -> torch.Ten
 
 def mean_loss(loss, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The mean of the per-sample values over a micro-batch that is all real samples."""
+    return mean_of(loss)(output, target)
+
+
+def mean_of(loss) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`loss.mean` if it has one (fused), else the mean of its per-sample values (looked up once:
+    the loop calls it every micro-step)."""
     fused = getattr(loss, "mean", None)
-    return fused(output, target) if fused is not None else per_sample(loss(output, target)).mean()
+    return fused if fused is not None else lambda output, target: per_sample(
+        loss(output, target)).mean()

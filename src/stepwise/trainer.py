@@ -15,7 +15,7 @@ from torch import nn
 from stepwise.batches import call_model, to_device
 from stepwise.distributed import Replica
 from stepwise.errors import NonFiniteLoss, PlanMismatch
-from stepwise.losses import item_mask, masked_sum, mean_loss, per_sample
+from stepwise.losses import item_mask, masked_sum, mean_of, per_sample
 from stepwise.plan import Plan, Window
 from stepwise.precision import Precision, inputs_memory_format
 from stepwise.signals import STOP, Stopped, StopSignals
@@ -101,12 +101,15 @@ class Trainer:
                  precision: Precision | None = None, stop_signals: StopSignals = STOP) -> None:
         self.model, self.optimizer, self.scheduler = parts.model, parts.optimizer, parts.scheduler
         self.loss, self.metrics, self.plan, self.settings = parts.loss, parts.metrics, plan, settings
+        self.item_mask = getattr(parts.loss, "item_mask", None)  # looked up once: per micro-step
+        self.mean_loss = mean_of(parts.loss)
         self.train_loader, self.val_loader = train_loader, val_loader
         self.replica, self.tracker = replica, tracker
         self.progress = progress or NullProgress()
         self.save = save or (lambda trainer: None)
         self.stop_signals = stop_signals
         self.precision = precision or Precision("32", replica.device)
+        self.copy_to = replica.device if replica.device.type != "cpu" else None  # batches' device
         self.stop_vote = replica.lagged_max()  # a signal on any rank stops all, one step later
         self.unchecked: list[tuple[int, torch.Tensor]] = []  # (step, loss shares) unchecked
         self.counters = Counters()
@@ -201,7 +204,8 @@ class Trainer:
         shares: over ranks, divided by `loss_multiplier`, it is the window's mean loss.
         """
         multiplier = self.replica.loss_multiplier
-        masks = [item_mask(self.loss, target) for _, target, _ in batches]
+        masks = ([self.item_mask(target) for _, target, _ in batches] if self.item_mask
+                 else [None] * len(batches))
         items = self._window_items(masks, batches) if masks[0] is not None else None
         shares = []
         for i, ((inputs, target, real), mask) in enumerate(zip(batches, masks)):
@@ -212,7 +216,7 @@ class Trainer:
                         values = self.loss(out, target)
                         share = masked_sum(values, mask, real) * (multiplier / items).to(values.dtype)
                     elif real == len(target):
-                        share = mean_loss(self.loss, out, target)
+                        share = self.mean_loss(out, target)
                         if real * multiplier != window.samples:
                             share = share * (real * multiplier / window.samples)
                     else:
@@ -293,9 +297,8 @@ class Trainer:
         return inputs, target, real
 
     def _on_device(self, inputs: Any, target: torch.Tensor) -> tuple[Any, torch.Tensor]:
-        device = self.replica.device
-        if device.type != "cpu":
-            inputs, target = to_device((inputs, target), device)
+        if self.copy_to is not None:
+            inputs, target = to_device((inputs, target), self.copy_to)
         if isinstance(inputs, torch.Tensor):
             inputs = inputs_memory_format(inputs, self.settings.channels_last)
         return inputs, target

@@ -74,6 +74,16 @@ def test_factorings_end_with_the_same_weights_per_token(tmp_path):
             assert (weights[name] - value).abs().max().item() < 1e-12, (b, k, name)
 
 
+def test_each_dataset_is_built_once_per_process(tmp_path):
+    """prepare reads its size, the probe a batch, the loaders all of it: one instance each."""
+    from userpkg.data import Sequences
+
+    before = Sequences.built
+    job = prepare_job(tmp_path, *TAGS, "data.train.size=41", "data.val.size=23")
+    train(job, Replica("single", 0, 1, torch.device("cpu")), NullTracker())
+    assert Sequences.built - before == 2  # train and val
+
+
 def test_each_step_is_the_mean_over_the_window_tokens_and_the_naive_mean_differs(tmp_path):
     job = prepare_job(tmp_path, *TAGS, "data.batch_size=2", "accum=4")
     trainer = build_trainer(job, Replica("single", 0, 1, torch.device("cpu")), NullTracker())
