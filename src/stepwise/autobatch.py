@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from stepwise.errors import ConfigError
+from stepwise.items import item_plan
 from stepwise.job import Job, plan_for
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,8 @@ def fit_batch_size(job: Job, device: torch.device, replica=None) -> Job:
         size = int(agreed.item())
     accum = job.plan.effective_batch_size // (size * job.plan.world_size)
     plan = plan_for(job.config, job.data, job.plan.world_size, size, accum)
+    job = dataclasses.replace(job, plan=plan, items=item_plan(job.data, plan, job.config.seed),
+                              auto_batch_tried=tuple(failed) + (size,))
     if failed:
         log.warning("data.batch_size=auto: out of memory at %s; per-device batch %d, accum %d "
                     "(effective batch %d unchanged)", ", ".join(map(str, failed)), size, accum,
@@ -107,5 +110,5 @@ def fit_batch_size(job: Job, device: torch.device, replica=None) -> Job:
         log.info("data.batch_size=auto: per-device batch %d fits (accum %d)", size, accum)
     if replica is None or replica.is_main:
         (job.run_dir / "plan.json").write_text(plan.to_json())
-        log.info("plan with data.batch_size=auto resolved:\n%s", plan.table())
-    return dataclasses.replace(job, plan=plan, auto_batch_tried=tuple(failed) + (size,))
+        log.info("plan with data.batch_size=auto resolved:\n%s", job.plan_table())
+    return job

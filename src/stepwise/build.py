@@ -134,4 +134,4 @@ def build_trainer(job: Any, replica: Any, tracker: Any):
     return Trainer(parts, plan, train_loader=train_loader, val_loader=val_loader, replica=replica,
                    tracker=tracker, progress=NullProgress(), settings=LoopSettings.of(trainer_cfg),
                    save=checkpoint_saver(job, tracker),
-                   precision=Precision(trainer_cfg.precision, replica.device))
+                   precision=Precision(trainer_cfg.precision, replica.device), items=job.items)

@@ -13,7 +13,7 @@ The loader's collate function splits each batch into the model's inputs and the 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from stepwise.batches import cast_floats, split_batch
@@ -35,6 +35,8 @@ class DatasetData:
     val_samples: int
     num_outputs: int | None
     input_shape: tuple[int, ...] | None = None  # one sample's input, when it is one tensor
+    # The training set's `item_counts`: loss items per sample (stepwise/items.py); None: counted.
+    item_counts: Any = field(default=None, compare=False)
 
     def train_set(self, dtype=None, seed: int = 0):
         return _built("data.train", self.train)
@@ -93,7 +95,8 @@ def datasets(train: Mapping[str, Any], val: Mapping[str, Any] | None = None,
 
     return dataclasses.replace(described, train_samples=sizes["data.train"],
                                val_samples=sizes.get("data.val", 0), num_outputs=outputs,
-                               input_shape=_input_shape(train_set))
+                               input_shape=_input_shape(train_set),
+                               item_counts=getattr(train_set, "item_counts", None))
 
 
 _BUILT: dict[str, Any] = {}  # this process's datasets, by their config

@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 
-
 @dataclass(frozen=True)
 class DistEnv:
     """This process's place in a job. `source` is `torchrun`, `slurm`, `submitit` (its local

@@ -46,5 +46,9 @@ class NonFiniteLoss(RunFailed):
     """`trainer.on_nonfinite=stop` and a window's loss was NaN or infinite."""
 
 
+class EmptyWindow(RunFailed):
+    """An optimizer-step window whose samples hold no loss item (every target is padding)."""
+
+
 class RanksFailed(RunFailed):
     """A DDP worker failed; the message holds its error."""

@@ -17,6 +17,7 @@ from stepwise.config import Config
 from stepwise.data import ArrayData, build_data
 from stepwise.dist_env import DistEnv
 from stepwise.errors import ConfigError
+from stepwise.items import ItemPlan, item_plan
 from stepwise.plan import Plan, derive_accum, make_plan
 from stepwise.probe import check_model
 from stepwise.schedule import adapted_optimizer_args
@@ -47,6 +48,10 @@ class Job:
     resume_from: Path | None = None  # the checkpoint this run continues, if any
     sweep: SweepJob | None = None  # set for a job of a multirun: its parent run
     auto_batch_tried: tuple[int, ...] = ()  # data.batch_size=auto: the sizes tried, last fitted
+    items: ItemPlan | None = None  # each window's loss items, when the data states them
+
+    def plan_table(self) -> str:
+        return self.plan.table(self.items.rows() if self.items is not None else ())
 
     def config_dict(self) -> dict[str, Any]:
         tree = dataclasses.asdict(self.config)
@@ -303,8 +308,8 @@ def prepare(config: Config, run_dir: Path, start_dir: Path, env: DistEnv | None 
     from stepwise.resume import find_checkpoint
 
     return Job(config=config, data=data, plan=plan, run_dir=run_dir, start_dir=start_dir,
-               world=world, resume_from=find_checkpoint(config.trainer.resume, run_dir),
-               sweep=sweep)
+               world=world, items=item_plan(data, plan, config.seed),
+               resume_from=find_checkpoint(config.trainer.resume, run_dir), sweep=sweep)
 
 
 def plan_for(config: Config, data: Any, world_size: int, batch_size: int, accum: int) -> Plan:
@@ -338,6 +343,8 @@ def run_params(job: Job) -> dict[str, Any]:
         budget=plan.budget, lr_scale_factor=plan.lr_scale_factor, lr=plan.lr,
         warmup_steps=plan.warmup_steps, final_lr=plan.final_lr,
     )
+    if job.items is not None:
+        params.update(total_items=job.items.total_items)
     if job.auto_batch_tried:
         params.update(auto_batch_sizes_tried=list(job.auto_batch_tried))
     adapted = adapted_optimizer_args(job.config, plan)

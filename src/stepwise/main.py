@@ -95,7 +95,7 @@ def _run(cfg: DictConfig, run_dir: Path, rank: int) -> dict[str, float] | None:
     if rank == 0:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         (run_dir / "plan.json").write_text(job.plan.to_json())
-        log.info("plan (also in %s):\n%s", run_dir / "plan.json", job.plan.table())
+        log.info("plan (also in %s):\n%s", run_dir / "plan.json", job.plan_table())
         if job.config.data.batch_size == "auto":
             log.info("data.batch_size=auto: b = E / W above is tried before training and halved "
                      "(accum doubled) on out-of-memory")

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 from stepwise.errors import ConfigError
 from stepwise.schedule import Schedule, make_schedule
@@ -74,6 +76,7 @@ class Window:
     first_micro_step: int
     micro_steps: int
     samples: int
+    items: int | None = None  # its loss items, when the data states them (stepwise/items.py)
 
 
 @dataclass(frozen=True)
@@ -169,8 +172,8 @@ class Plan:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
 
-    def table(self) -> str:
-        """The plan as the short table printed before training."""
+    def table(self, extra: Sequence[tuple[str, Any]] = ()) -> str:
+        """The plan as the short table printed before training (`extra` rows at the end)."""
         last = (
             f"{self.last_window_micro_steps} micro-steps, {self.last_window_samples} samples"
         )
@@ -191,6 +194,7 @@ class Plan:
                    f"({self.lr_rule}, base_batch_size={self.base_batch_size})"),
             ("schedule", f"{self.schedule.name}, warmup {self.schedule.warmup_samples} samples "
                          f"= {self.warmup_steps} steps, final lr {self.final_lr:.6g}"),
+            *extra,
         ]
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)

@@ -21,8 +21,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from stepwise.world import submitit_tasks_per_node
 from stepwise.errors import ConfigError
+from stepwise.world import submitit_tasks_per_node
 
 log = logging.getLogger(__name__)
 

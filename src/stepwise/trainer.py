@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import warnings
@@ -14,12 +15,14 @@ from torch import nn
 
 from stepwise.batches import call_model, to_device
 from stepwise.distributed import Replica
-from stepwise.errors import NonFiniteLoss, PlanMismatch
-from stepwise.losses import item_mask, masked_sum, mean_of, per_sample
+from stepwise.errors import EmptyWindow, NonFiniteLoss, PlanMismatch
+from stepwise.item_tally import ItemTally
+from stepwise.items import ItemPlan
+from stepwise.losses import masked_sum, mean_of, per_sample
 from stepwise.plan import Plan, Window
 from stepwise.precision import Precision, inputs_memory_format
 from stepwise.signals import STOP, Stopped, StopSignals
-from stepwise.tracking import scalars
+from stepwise.validation import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,7 @@ class Counters:
     epoch: int = 0
     step_in_epoch: int = 0
     skipped_steps: int = 0
+    items_seen: int = 0  # loss items (e.g. target tokens), when they are not the samples
 
 
 @dataclass
@@ -89,6 +93,7 @@ class Trainer:
         progress: a tqdm-like bar on the main rank, a null one elsewhere.
         settings: the loop's `trainer.*` keys.
         precision: autocast and the fp16 GradScaler (`trainer.precision`).
+        items: each window's loss items, when the data states them per sample (else counted).
 
     Per micro-step the loop only runs forward and backward (and adds the loss to a device
     tensor); the host waits for the device only at logging points, checkpoints and the end,
@@ -98,7 +103,8 @@ class Trainer:
     def __init__(self, parts: Parts, plan: Plan, *, train_loader, val_loader, replica: Replica,
                  tracker, progress=None, settings: LoopSettings = LoopSettings(),
                  save: Callable[[Trainer], None] | None = None,
-                 precision: Precision | None = None, stop_signals: StopSignals = STOP) -> None:
+                 precision: Precision | None = None, stop_signals: StopSignals = STOP,
+                 items: ItemPlan | None = None) -> None:
         self.model, self.optimizer, self.scheduler = parts.model, parts.optimizer, parts.scheduler
         self.loss, self.metrics, self.plan, self.settings = parts.loss, parts.metrics, plan, settings
         self.item_mask = getattr(parts.loss, "item_mask", None)  # looked up once: per micro-step
@@ -115,6 +121,8 @@ class Trainer:
         self.counters = Counters()
         self.real_samples = 0  # this process's real samples, summed over ranks at the end
         self.last_lr = float("nan")  # the LR of the last optimizer step taken
+        self.items = items
+        self.tally = ItemTally(replica, parts.loss)  # the items of a loss that masks them
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
@@ -154,9 +162,21 @@ class Trainer:
         for step_in_epoch in range(start, self.plan.optimizer_steps_per_epoch):
             if self.counters.global_step >= self.plan.total_optimizer_steps:
                 return
-            window = self.plan.window(step_in_epoch)
+            window = self._window(epoch, step_in_epoch)
             micro = range(window.first_micro_step, window.first_micro_step + window.micro_steps)
             yield window, [self._to_device(next(batches), j) for j in micro]
+
+    def _window(self, epoch: int, step_in_epoch: int) -> Window:
+        """The plan's window, with its loss items when the data states them."""
+        window = self.plan.window(step_in_epoch)
+        if self.items is None:
+            return window
+        items = self.items.window(epoch, step_in_epoch)
+        if items == 0:
+            raise EmptyWindow(f"optimizer step {self.counters.global_step + 1} (epoch {epoch}, "
+                              f"samples {self.items.samples_of(epoch, step_in_epoch)}) has no "
+                              "loss items: the data's item_counts are 0 for all its samples")
+        return dataclasses.replace(window, items=items)
 
     def train_step(self, batches: list[Batch], window: Window) -> int:
         """One optimizer step: the gradient of the mean loss over the window's real samples.
@@ -165,6 +185,8 @@ class Trainer:
         """
         shares = self._accumulate(batches, window)
         step = self.counters.global_step + 1
+        if window.items is not None:
+            self.counters.items_seen += window.items
         if self.settings.on_nonfinite == "skip" and self._any_rank_nonfinite(shares):
             self._skip(step, "non-finite loss")
         else:
@@ -199,14 +221,19 @@ class Trainer:
         items: the sum of its real items' losses times `loss_multiplier / window items`. When
         the items are samples, the window's count is the plan's; a full micro-batch then
         computes its share as its mean loss times `real * loss_multiplier / window.samples`
-        (skipped when that is exactly 1). When the loss masks items (tokens), they are counted
-        in the loaded window, over ranks, before the first forward. Returns the sum of the
-        shares: over ranks, divided by `loss_multiplier`, it is the window's mean loss.
+        (skipped when that is exactly 1). When the loss masks items (tokens), the count is the
+        data's (`window.items`, no communication), else counted in the loaded window, over
+        ranks, before the first forward. Returns the sum of the shares: over ranks, divided by
+        `loss_multiplier`, it is the window's mean loss.
         """
         multiplier = self.replica.loss_multiplier
         masks = ([self.item_mask(target) for _, target, _ in batches] if self.item_mask
                  else [None] * len(batches))
-        items = self._window_items(masks, batches) if masks[0] is not None else None
+        items = None
+        if masks[0] is not None:
+            step = self.counters.global_step + 1
+            items = self.tally.window(step, [m[:real] for m, (_, _, real) in zip(masks, batches)],
+                                      window.items)
         shares = []
         for i, ((inputs, target, real), mask) in enumerate(zip(batches, masks)):
             with self.replica.no_sync(self.model, sync=i == len(batches) - 1):
@@ -214,7 +241,7 @@ class Trainer:
                     out = call_model(self.model, inputs)
                     if mask is not None:
                         values = self.loss(out, target)
-                        share = masked_sum(values, mask, real) * (multiplier / items).to(values.dtype)
+                        share = masked_sum(values, mask, real) * (multiplier / items)
                     elif real == len(target):
                         share = self.mean_loss(out, target)
                         if real * multiplier != window.samples:
@@ -226,12 +253,6 @@ class Trainer:
             shares.append(share.detach())
             self.real_samples += real
         return shares[0] if len(shares) == 1 else torch.stack(shares).sum()
-
-    def _window_items(self, masks: list[torch.Tensor], batches: list[Batch]) -> torch.Tensor:
-        """The real items of the window, over ranks (one small all-reduce in DDP). A window with
-        none counts 1, so that its zero loss stays zero instead of 0/0."""
-        local = sum(mask[:real].sum() for mask, (_, _, real) in zip(masks, batches))
-        return self.replica.sum(local.to(torch.float64)).clamp_min(1)
 
     def _any_rank_nonfinite(self, shares: torch.Tensor) -> bool:
         """Whether some rank's loss is NaN or infinite (a host sync, and in DDP a small
@@ -247,6 +268,7 @@ class Trainer:
         """Check the losses of the steps since the last check (one sync, and one all-reduce in
         DDP, at the same step on every rank); raise NonFiniteLoss naming the first bad step under
         `on_nonfinite=stop`. Returns the last window's mean loss over all ranks (nan: none)."""
+        self.tally.settle(self.counters, self.plan)
         if not self.unchecked:
             return float("nan")
         steps, losses = zip(*self.unchecked)
@@ -281,6 +303,8 @@ class Trainer:
             loss = self.replica.sum(shares).item() / self.replica.loss_multiplier
         self.progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
         metrics = {"train/loss": loss, "train/lr": lr, "train/samples_seen": self.counters.samples_seen}
+        if self.tally.active:
+            metrics["train/items_seen"] = self.counters.items_seen
         if self.counters.skipped_steps:
             metrics["train/skipped_steps"] = self.counters.skipped_steps
         self.tracker.log_metrics(metrics, step=step)
@@ -304,41 +328,10 @@ class Trainer:
         return inputs, target
 
     # -- validation and the final check ------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Exact validation metrics: sums and counts (and metric states) reduced over ranks,
-        never means of means. `val/loss` is the mean over the real items."""
-        self.model.eval()
-        # loss sum, items, correct (the loop's own accuracy: every real item's argmax)
-        totals = torch.zeros(3, device=self.replica.device, dtype=torch.float64)
-        metrics = self.metrics or {}
-        for inputs, target in self.val_loader:
-            inputs, target = self._on_device(*to_device((inputs, target), self.replica.device))
-            with self.precision.autocast():
-                out = call_model(self.model, inputs)
-                values = self.loss(out, target)
-            mask = item_mask(self.loss, target)
-            if mask is None:
-                totals[0] += per_sample(values).sum()
-                totals[1] += len(values)
-            else:
-                totals[0] += masked_sum(values, mask, len(values))
-                totals[1] += mask.sum()
-            if self.metrics is None:  # the loop's own accuracy, over the real items
-                hits = out.argmax(1) == target
-                totals[2] += (hits if mask is None else hits & mask).sum()
-            for metric in metrics.values():
-                metric.update(out.float() if out.is_floating_point() else out, target)
-        self.model.train()
-        loss_sum, count, correct = self.replica.sum(totals).tolist()
-        results = {"val/loss": loss_sum / max(count, 1)}
-        if self.metrics is None:
-            results["val/accuracy"] = correct / max(count, 1)
-        for name, metric in metrics.items():
-            value = metric.compute()  # torchmetrics sums the states over ranks first
-            metric.reset()
-            results.update(scalars(f"val/{name}", value))
-        return results
+        """Exact validation metrics over this process's shard (stepwise/validation.py)."""
+        return evaluate(self.model, self.val_loader, self.loss, self.metrics, self.replica,
+                        self.precision, self._on_device)
 
     def check_against_plan(self) -> None:
         """Fail the run if the executed counts differ from the plan."""
@@ -350,6 +343,8 @@ class Trainer:
             "samples_seen": (self.counters.samples_seen, self.plan.total_samples),
             "real samples processed": (real, self.plan.total_samples),
         }
+        if self.items is not None and self.tally.active:
+            executed["items_seen"] = (self.counters.items_seen, self.items.total_items)
         wrong = [f"{name}: executed {got}, planned {want}"
                  for name, (got, want) in executed.items() if got != want]
         if not math.isclose(self.last_lr, self.plan.final_lr, rel_tol=1e-9, abs_tol=1e-15):

@@ -112,13 +112,17 @@ def test_ddp_matches_one_process_per_token(workdir):
     where one process with the same effective batch ends."""
     weights = {}
     for name, args in (("single", ["data.batch_size=4", "accum=2"]),
-                       ("ddp", ["parallel=ddp", "data.batch_size=2", "accum=2"])):
+                       ("ddp", ["parallel=ddp", "data.batch_size=2", "accum=2"]),
+                       # the items stated per sample: each window's count with no all-reduce
+                       ("ddp_stated", ["parallel=ddp", "data.batch_size=2", "accum=2",
+                                       "+data.train.state_counts=true"])):
         run_dir = workdir / name
         proc = run_cli(*TAGS, *args, f"hydra.run.dir={run_dir}", cwd=workdir, env=ENV)
         assert proc.returncode == 0, proc.stderr[-3000:]
         weights[name] = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
     for key, value in weights["single"].items():
-        assert (weights["ddp"][key] - value).abs().max().item() < 1e-12, key
+        for name in ("ddp", "ddp_stated"):
+            assert (weights[name][key] - value).abs().max().item() < 1e-12, (name, key)
 
 
 @pytest.mark.cli
