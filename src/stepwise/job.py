@@ -19,7 +19,7 @@ from stepwise.dist_env import DistEnv
 from stepwise.errors import ConfigError
 from stepwise.items import ItemPlan, item_plan
 from stepwise.plan import Plan, derive_accum, make_plan
-from stepwise.probe import check_model
+from stepwise.probe import check_context, check_model
 from stepwise.schedule import adapted_optimizer_args
 from stepwise.world import World, resolve_world
 
@@ -293,6 +293,7 @@ def prepare(config: Config, run_dir: Path, start_dir: Path, env: DistEnv | None 
     batch_size, accum = resolve_accum(config, world.size)
     data = build_data(dataclasses.asdict(config.data))
     check_model(config.model, data, _data_name(config.data))
+    check_context(config.model, data)
     images = len(data.input_shape or ()) == 3
     if config.trainer.channels_last and not images:
         raise ConfigError("trainer.channels_last", True, f"data={_data_name(config.data)} gives "

@@ -38,6 +38,25 @@ def option_of(group: str, node: Any) -> str:
     return names[0] if names else str(getattr(node, "_target_", group)).rsplit(".", 1)[-1]
 
 
+def check_context(model_cfg: Any, data: Any) -> None:
+    """A model with a `context` (the longest sequence it takes) against the longest training
+    sequence, when the data states its samples' lengths (`item_counts`: one target per input
+    token), before any work."""
+    import numpy as np
+
+    context = (model_cfg.get("context") if isinstance(model_cfg, dict)
+               else getattr(model_cfg, "context", None))
+    counts = getattr(data, "item_counts", None)
+    if not isinstance(context, int) or counts is None or not len(counts):
+        return
+    longest = int(np.argmax(counts))
+    if counts[longest] > context:
+        raise ConfigError("model.context", context, f"sample {longest} of data.train has "
+                          f"{int(counts[longest])} tokens, more than the model's context of "
+                          f"{context}", f"set model.context={int(np.max(counts))}, or cap the "
+                          f"data's lengths (e.g. data.train.max_len={context})")
+
+
 def check_model(model_cfg: Any, data: Any, data_name: str) -> None:
     """What can be said of the model and the data without building the model: the classes and
     input channels agree, an image model gets images, a torchvision name exists."""

@@ -61,6 +61,7 @@ def probe_batch(config: Any, data: Any, data_name: str, model: torch.nn.Module) 
         model.train()
     loss = build_loss(config, data)
     _check_loss(loss_node(config, data)["_target_"], loss, output, target)
+    _check_items(loss, target, data, list(range(len(target))))
     for name, metric in (build_metrics(config, data) or {}).items():
         try:
             metric.update(output.float() if output.is_floating_point() else output, target)
@@ -69,6 +70,29 @@ def probe_batch(config: Any, data: Any, data_name: str, model: torch.nn.Module) 
                               f"cannot take the model's output {_shape(output)} and the target "
                               f"{_shape(target)} ({_reason(err)})", "configure the metric for "
                               "this output (e.g. num_classes, task), or remove it") from None
+
+
+def _check_items(loss: Any, target: Any, data: Any, samples: list[int]) -> None:
+    """The items the loss keeps (its mask) in the probe batch against the data's stated counts:
+    a padding value the loss does not ignore, or counts of something else, is found now."""
+    from stepwise.losses import item_mask
+
+    counts = getattr(data, "item_counts", None)
+    mask = item_mask(loss, target) if isinstance(target, torch.Tensor) else None
+    if mask is None or counts is None:
+        return
+    kept, stated = int(mask.sum()), sum(int(counts[i]) for i in samples)
+    if kept == stated:
+        return
+    ignore_index = getattr(loss, "ignore_index", None)
+    if bool(mask.all()) and ignore_index is not None:
+        raise ConfigError("loss.ignore_index", ignore_index, f"matches no target of training "
+                          f"samples {samples}, so nothing is ignored: the loss keeps {kept} "
+                          f"items where the data's item_counts state {stated}", "set it to the "
+                          "value the collate function pads targets with")
+    raise ConfigError("data.train", "item_counts", f"state {stated} loss items for training "
+                      f"samples {samples}, where the loss's item_mask keeps {kept}",
+                      "count the targets the loss keeps (e.g. target tokens, not input tokens)")
 
 
 def _check_loss(name: str, loss: Any, output: Any, target: Any) -> None:

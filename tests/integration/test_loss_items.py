@@ -49,9 +49,28 @@ def test_stated_and_counted_items_train_alike(tmp_path):
 
 
 def test_item_counts_that_disagree_with_the_mask_fail_the_run(tmp_path):
-    with pytest.raises(PlanMismatch, match=r"optimizer step 1: the loss's item_mask counted \d+ "
-                                           r"items, the data's item_counts \d+"):
-        _train(tmp_path, STATED, "+data.train.count_offset=1")
+    """Sample 20 (not one of the two the start-up probe tries) states one item too many."""
+    step = 1 + epoch_permutation(37, 0, 0).tolist().index(20) // 8
+    with pytest.raises(PlanMismatch, match=rf"optimizer step {step}: the loss's item_mask counted "
+                                           r"\d+ items, the data's item_counts \d+"):
+        _train(tmp_path, STATED, "+data.train.miscount=[20]", "trainer.log_every_n_steps=1")
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("args,expected", [
+    (["+data.train.miscount=[1]"], "error: data.train=item_counts: state "),
+    # targets padded with class 0, which cross_entropy's ignore_index=-100 keeps
+    (["+data.collate_fn.ignore_index=0"], "error: loss.ignore_index=-100: matches no target of "
+     "training samples [0, 1], so nothing is ignored"),
+    (["+model.context=8"], "error: model.context=8: sample "),
+])
+def test_items_that_cannot_be_right_are_one_line_before_any_work(args, expected, workdir):
+    env = {"PYTHONPATH": f"{FIXTURES}:{ROOT}"}
+    proc = run_cli(*TAGS, STATED, *args, cwd=workdir, env=env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(expected), proc.stderr[-3000:]
+    assert not (workdir / "mlflow.db").exists()
 
 
 @pytest.mark.parametrize("stated", [True, False])
