@@ -6,6 +6,8 @@
 W1: MLP 64-512-512-10 on digits, b=32.            W2: the same with accum=8.
 W3: CNN (32, 64) on synthetic 3x32x32, b=64, accum=4.
 W4: DDP, 2 gloo processes, MLP 64-2048-2048-10 on synthetic 64 features, b=16, accum=8.
+W5: tiny_lm (2 layers, width 64) on tinytext (padded sequences of 8-256 characters, the loss
+    per token), b=16, accum=2.   W6: the same in DDP, 2 gloo processes, b=8, accum=2.
 R18: torchvision's ResNet-18 on synthetic 3x32x32, b=256 (for GPUs).
 
 Both loops train the same model (same seed) with the same optimizer on the same tensors, for
@@ -45,6 +47,8 @@ from stepwise.sampler import epoch_permutation
 # Full windows only (the hand-written loop drops an epoch's remainder too); no epoch budget.
 COMMON = ["trainer.progress_bar=false", "trainer.checkpoint_every_n_steps=0", "data.drop_last=true",
           "trainer.max_epochs=-1"]
+TOKENS = ["data=tinytext", "model=tiny_lm", "loss=cross_entropy", "metrics=none", "data.val=null"]
+DDP_WORKLOADS = ("W4", "W6")
 WORKLOADS = {
     "W1": ("MLP 64-512-512-10, digits, b=32", ["data.val_fraction=0", "model.hidden_sizes=[512,512]",
                                               "data.batch_size=32"]),
@@ -57,6 +61,10 @@ WORKLOADS = {
            ["parallel=ddp", "parallel.nproc=2", "data=synthetic", "data.num_features=64",
             "data.train_samples=16384", "data.val_samples=0", "model.hidden_sizes=[2048,2048]",
             "data.batch_size=16", "accum=8"]),
+    "W5": ("tiny_lm on tinytext, per-token loss, b=16, accum=2", [*TOKENS, "data.batch_size=16",
+                                                                 "accum=2"]),
+    "W6": ("DDP gloo W=2, tiny_lm on tinytext, per-token loss, b=8, accum=2",
+           ["parallel=ddp", "parallel.nproc=2", *TOKENS, "data.batch_size=8", "accum=2"]),
     "R18": ("ResNet-18, synthetic 3x32x32, b=256",
             ["data=synthetic", "data.image_shape=[3,32,32]", "data.train_samples=16384",
              "data.val_samples=0", "model=torchvision", "model.name=resnet18",
@@ -65,7 +73,7 @@ WORKLOADS = {
 # Seconds per measurement by default: W3 and W4 take about 100 ms per optimizer step, and their
 # measurements must hold enough steps that run-to-run noise and the end of fit (a final
 # all-reduce or two, the MLflow flush: about 10-50 ms once per run) do not dominate.
-SECONDS = {"W3": 5.0, "W4": 5.0}
+SECONDS = {"W3": 5.0, "W4": 5.0, "W5": 5.0, "W6": 5.0}
 
 
 def compose(overrides: list[str]):
@@ -117,6 +125,11 @@ def run_handwritten(job: Job, replica: Replica, steps: int) -> float:
     """Seconds for `steps` optimizer steps of the lean loop a PyTorch user writes by hand, from
     the end of its first step."""
     from hydra.utils import instantiate
+
+    if job.items is not None:  # W5, W6: sequences, the loss per token
+        from token_loop import run_handwritten_tokens
+
+        return run_handwritten_tokens(job, replica, steps, barrier)
 
     cfg, plan = job.config, job.plan
     fast = cfg.trainer
@@ -209,6 +222,10 @@ def measure(name: str, overrides: list[str], replica: Replica, env: DistEnv, arg
     ratios = [s / h for s, h in zip(rates["stepwise"], rates["hand-written"])]
     lines.append(f"  {'ratio':>12}: {median['stepwise'] / median['hand-written']:.3f} "
                  f"(per repeat: min {min(ratios):.3f}, max {max(ratios):.3f})")
+    if job.items is not None:
+        from token_loop import token_lines
+
+        lines += token_lines(job, steps, median["stepwise"], median["hand-written"])
     return lines
 
 
@@ -219,15 +236,15 @@ def settings(args) -> list[str]:
             f"trainer.compile={str(args.compile).lower()}"]
 
 
-def _ddp_worker(rank: int, port: int, args, out: str, queue) -> None:
+def _ddp_worker(rank: int, name: str, port: int, args, out: str, queue) -> None:
     torch.set_num_threads(1)  # 2 processes on 2 cores
     env = DistEnv("torchrun", rank, rank, 2, 2, 0, "127.0.0.1", port)
     os.environ.update(env.torch_env())
-    overrides = WORKLOADS["W4"][1]
+    overrides = WORKLOADS[name][1]
     job = prepare(compose([*COMMON, *settings(args), *overrides, "trainer.max_steps=1"]),
                   Path(out), Path(out), env)
     replica = start_replica(job.world, job.config.parallel, args.device)
-    lines = measure("W4", overrides, replica, env, args, Path(out))
+    lines = measure(name, overrides, replica, env, args, Path(out))
     if rank == 0:
         queue.put(lines)
     stop_replica(replica)
@@ -247,19 +264,19 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
     device = (torch.cuda.get_device_name() if args.device == "cuda"
-              else f"{torch.get_num_threads()} intra-op threads (W4: 1 per process)")
+              else f"{torch.get_num_threads()} intra-op threads (W4, W6: 1 per process)")
     print(f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
           f"torch {torch.__version__}, {device}; precision {args.precision}, channels_last "
           f"{args.channels_last}, compile {args.compile}")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         for name in args.workloads.split(","):
-            if name == "W4":
+            if name in DDP_WORKLOADS:
                 with socket.socket() as s:
                     s.bind(("127.0.0.1", 0))
                     port = s.getsockname()[1]
                 queue = mp.get_context("spawn").SimpleQueue()
-                mp.spawn(_ddp_worker, args=(port, args, tmp, queue), nprocs=2)
+                mp.spawn(_ddp_worker, args=(name, port, args, tmp, queue), nprocs=2)
                 lines = queue.get()
             else:
                 overrides = WORKLOADS[name][1]
