@@ -19,7 +19,9 @@ GROUPS = ["model", "data", "parallel", "optim", "loss", "metrics", "lr_scaling",
 # data=dataset takes the user's own Dataset (tests/fixtures/userpkg); the rest are complete.
 COMPLETING = {"data=dataset": ["data.train={_target_: tests.fixtures.userpkg.data.Vectors, "
                                "size: 10}"],
-              "loss=mse": ["data=linreg"]}
+              "loss=mse": ["data=linreg"],
+              # sequences and the model that takes them go together
+              "data=tinytext": ["model=tiny_lm"], "model=tiny_lm": ["data=tinytext"]}
 
 
 def _options(group: str) -> list[str]:
@@ -39,9 +41,17 @@ def test_every_option_composes_and_builds(override, tmp_path: Path):
     job = prepare(config, run_dir=tmp_path, start_dir=tmp_path)
     model = build_model(job.config, job.data)
     optimizer = build_optimizer(job.config, job.plan, model.parameters())
-    out = model(torch.as_tensor(job.data.x_train[:3]) if hasattr(job.data, "x_train")
-                else torch.stack([job.data.train_set(torch.float32, 0)[i][0] for i in range(3)]))
-    assert out.shape == (3, job.data.num_outputs)
+    if hasattr(job.data, "collate"):  # a user's Dataset: its samples through its collate
+        from stepwise.batches import call_model
+
+        dataset = job.data.train_set(torch.float32, 0)
+        inputs, target = job.data.collate(torch.float32)([dataset[i] for i in range(3)])
+        out = call_model(model, inputs)
+        assert out.shape == (3, job.data.num_outputs, *target.shape[1:])  # (N, C, ...)
+    else:
+        out = model(torch.as_tensor(job.data.x_train[:3]) if hasattr(job.data, "x_train")
+                    else torch.stack([job.data.train_set(torch.float32, 0)[i][0] for i in range(3)]))
+        assert out.shape == (3, job.data.num_outputs)
     assert optimizer.param_groups[0]["lr"] == job.plan.lr
 
 
