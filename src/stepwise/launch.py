@@ -92,6 +92,7 @@ def _worker(job: Job, run_id: str | None, tracking_uri: str | None,
     _die_with_parent()
     world = job.world.joined(detect(os.environ))
     _configure_logging(world.rank, log_file)
+    _share_cpu_threads(world.nproc, job.config.trainer.device)
     try:
         replica = start_replica(world, job.config.parallel, job.config.trainer.device)
     except BaseException as err:
@@ -116,6 +117,18 @@ def _worker(job: Job, run_id: str | None, tracking_uri: str | None,
         os._exit(128 + stop.signum)
     stop_replica(replica)
     return result
+
+
+def _share_cpu_threads(nproc: int, device: str) -> None:
+    """Ranks on the CPU share this node's cores: each takes its share of intra-op threads (as
+    torchrun does by setting OMP_NUM_THREADS=1), instead of every rank using all of them. With 2
+    ranks on 2 cores, oversubscribed threads made tinytext_lm's DDP steps about 4x slower."""
+    import torch
+
+    if "OMP_NUM_THREADS" in os.environ or (device != "cpu" and torch.cuda.is_available()):
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, (cores or 1) // nproc))
 
 
 def _die_with_parent() -> None:
