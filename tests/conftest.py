@@ -39,6 +39,21 @@ def prepare_job(tmp_path: Path, *overrides: str) -> Job:
     return prepare(compose_config(*overrides), run_dir=run_dir, start_dir=tmp_path)
 
 
+def count_allreduce_rounds(ddp_model) -> list[int]:
+    """The buckets DDP all-reduces, one entry per round (a comm hook that records, then runs
+    DDP's default all-reduce)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    rounds: list[int] = []
+
+    def counting_hook(state, bucket):
+        rounds.append(bucket.index())
+        return allreduce_hook(None, bucket)
+
+    ddp_model.register_comm_hook(None, counting_hook)
+    return rounds
+
+
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300,
             check: bool = False, python_args: Sequence[str] = ()) -> subprocess.CompletedProcess:
     """`python [python_args] train.py <args>` from `cwd`, with the tracking store defaulting to

@@ -129,6 +129,8 @@ def _share_cpu_threads(nproc: int, device: str) -> None:
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(max(1, (cores or 1) // nproc))
+    log.info("%d CPU cores for %d DDP ranks: %d intra-op threads per rank", cores, nproc,
+             torch.get_num_threads())
 
 
 def _die_with_parent() -> None:

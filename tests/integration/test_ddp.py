@@ -13,14 +13,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from mlflow.tracking import MlflowClient
-from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from stepwise.build import build_trainer
 from stepwise.checkpoint import load_checkpoint
 from stepwise.dist_env import DistEnv
 from stepwise.distributed import start_replica, stop_replica
 from stepwise.tracking import NullTracker
-from tests.conftest import ROOT, prepare_job, run_cli
+from tests.conftest import ROOT, count_allreduce_rounds, prepare_job, run_cli
 
 pytestmark = [pytest.mark.ddp, pytest.mark.cli]
 
@@ -81,13 +80,7 @@ def _count_allreduce_rounds(rank: int, tmp: str, sync_every: bool, queue) -> Non
     replica = start_replica(job.world.joined(env), job.config.parallel, "cpu")
     replica.sync_every_micro_step = sync_every
     trainer = build_trainer(job, replica, NullTracker())
-    rounds = []
-
-    def counting_hook(state, bucket):
-        rounds.append(bucket.index())
-        return allreduce_hook(None, bucket)
-
-    trainer.model.register_comm_hook(None, counting_hook)
+    rounds = count_allreduce_rounds(trainer.model)
     trainer.fit()
     queue.put((rank, len(rounds), trainer.counters.global_step, trainer.counters.micro_steps))
     stop_replica(replica)
@@ -132,6 +125,9 @@ def test_parallel_ddp_accum_8_is_one_job(workdir):
     assert params["total_optimizer_steps"] == "6"
     assert run.info.status == "FINISHED" and run.data.metrics["global_step"] == 6
     assert "global_step on each rank: [6, 6] (plan: 6)" in proc.stdout + proc.stderr
+    cores = len(os.sched_getaffinity(0))  # the ranks share them instead of oversubscribing
+    assert (f"{cores} CPU cores for 2 DDP ranks: {max(1, cores // 2)} intra-op threads per rank"
+            in proc.stdout + proc.stderr)
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert steps == [1, 2, 3, 4, 5, 6]
     val = client.get_metric_history(run.info.run_id, "val/accuracy")

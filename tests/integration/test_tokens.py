@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn import functional as F
 
 from stepwise.build import build_trainer
@@ -20,7 +19,7 @@ from stepwise.distributed import Replica, start_replica, stop_replica
 from stepwise.fit import train
 from stepwise.sampler import epoch_permutation
 from stepwise.tracking import NullTracker
-from tests.conftest import prepare_job, run_cli
+from tests.conftest import count_allreduce_rounds, prepare_job, run_cli
 
 # 101 = 3 x 32 + 5 sequences of 1-24 characters: every epoch ends with a window of 5, which in
 # DDP with b=8 leaves rank 1 with no real sequence in its last micro-step.
@@ -114,13 +113,7 @@ def _count_rounds(rank: int, port: int, tmp: str, stated: bool, queue) -> None:
     replica = start_replica(job.world.joined(env), job.config.parallel, "cpu")
     trainer = build_trainer(job, replica, NullTracker())
     counting = trainer.tally.replica = CountingReplica(replica)
-    rounds = []
-
-    def hook(state, bucket):
-        rounds.append(bucket.index())
-        return allreduce_hook(None, bucket)
-
-    trainer.model.register_comm_hook(None, hook)
+    rounds = count_allreduce_rounds(trainer.model)
     trainer.fit()
     queue.put((rank, len(rounds), counting.calls, trainer.counters.global_step))
     stop_replica(replica)
