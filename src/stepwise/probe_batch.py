@@ -6,6 +6,7 @@ later).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -13,6 +14,8 @@ import torch
 from stepwise.components import reason as _reason
 from stepwise.components import target_of
 from stepwise.errors import ConfigError
+
+log = logging.getLogger("stepwise")
 
 
 def _shape(value: Any) -> str:
@@ -79,7 +82,14 @@ def _check_items(loss: Any, target: Any, data: Any, samples: list[int]) -> None:
 
     counts = getattr(data, "item_counts", None)
     mask = item_mask(loss, target) if isinstance(target, torch.Tensor) else None
-    if mask is None or counts is None:
+    if mask is None:
+        return
+    if counts is None:
+        if bool(mask.all()) and len(set(_target_lengths(data, samples))) > 1:
+            log.warning("loss.ignore_index=%s matches no target of training samples %s, whose "
+                        "targets have different lengths: nothing is ignored, so the padding "
+                        "counts as loss items; set it to the value the collate function pads "
+                        "targets with", getattr(loss, "ignore_index", "?"), samples)
         return
     kept, stated = int(mask.sum()), sum(int(counts[i]) for i in samples)
     if kept == stated:
@@ -93,6 +103,20 @@ def _check_items(loss: Any, target: Any, data: Any, samples: list[int]) -> None:
     raise ConfigError("data.train", "item_counts", f"state {stated} loss items for training "
                       f"samples {samples}, where the loss's item_mask keeps {kept}",
                       "count the targets the loss keeps (e.g. target tokens, not input tokens)")
+
+
+def _target_lengths(data: Any, samples: list[int]) -> list[int]:
+    """The length of each sample's own target, before collation (empty if not a sequence)."""
+    from stepwise.batches import split_batch
+
+    dataset = data.train_set()
+    lengths = []
+    for i in samples:
+        _, target = split_batch(dataset[i], getattr(data, "target_key", "target"))
+        if not isinstance(target, torch.Tensor) or target.dim() == 0:
+            return []
+        lengths.append(len(target))
+    return lengths
 
 
 def _check_loss(name: str, loss: Any, output: Any, target: Any) -> None:

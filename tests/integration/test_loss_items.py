@@ -87,6 +87,18 @@ def test_a_window_without_items_fails_naming_its_step(tmp_path, stated):
 
 
 @pytest.mark.cli
+def test_padding_the_loss_keeps_is_warned_of_without_stated_counts(workdir):
+    """Targets padded with class 0, kept by ignore_index=-100: counted, the run goes on, warned."""
+    env = {"PYTHONPATH": f"{FIXTURES}:{ROOT}"}
+    proc = run_cli(*TAGS, "+data.collate_fn.ignore_index=0", "trainer.max_epochs=1", cwd=workdir,
+                   env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warned = [line for line in (proc.stdout + proc.stderr).splitlines()
+              if "loss.ignore_index=-100 matches no target of training samples [0, 1]" in line]
+    assert len(warned) == 1, proc.stdout[-3000:]
+
+
+@pytest.mark.cli
 def test_items_seen_is_logged_and_planned(workdir):
     env = {"PYTHONPATH": f"{FIXTURES}:{ROOT}"}
     proc = run_cli(*TAGS, STATED, "logger=mlflow", cwd=workdir, env=env)
