@@ -29,7 +29,7 @@ def open_run(job: Job, resumed: dict[str, Any] | None = None):
     if cfg.backend == "none":
         return NullTracker()
     uri = default_tracking_uri(cfg.tracking_uri, job.start_dir)
-    run_id = (resumed or {}).get("mlflow_run_id")
+    run_id = (resumed or {}).get("mlflow_run_id") or _unfinished_run(job)
     tags, run_name = {"stepwise.run_dir": str(job.run_dir)}, cfg.run_name
     if job.sweep is not None and job.sweep.tracking_uri == uri:  # a child of the sweep's run
         tags.update(job.sweep.tags())
@@ -38,15 +38,33 @@ def open_run(job: Job, resumed: dict[str, Any] | None = None):
         log.warning("this job logs to %s, its sweep's parent run is in %s: not linked to it",
                     uri, job.sweep.tracking_uri)
     tracker = MlflowTracker(uri, cfg.experiment_name, run_name, run_id=run_id, tags=tags)
-    if tracker.resumed:
+    if tracker.resumed and resumed is not None:
         log.info("MLflow run %s reopened in %s at global_step %d", tracker.run_id, uri,
                  resumed["global_step"])
         return tracker
-    log.info("MLflow run %s in %s (experiment %s)", tracker.run_id, uri, cfg.experiment_name)
+    if tracker.resumed:
+        log.info("MLflow run %s reopened in %s: stopped before its first checkpoint, it starts "
+                 "again from step 0", tracker.run_id, uri)
+    else:
+        log.info("MLflow run %s in %s (experiment %s)", tracker.run_id, uri, cfg.experiment_name)
+        (job.run_dir / RUN_ID_FILE).write_text(tracker.run_id)
     tracker.log_params(run_params(job))
     for artifact in ("config.yaml", "plan.json"):
         tracker.log_artifact(job.run_dir / artifact)
     return tracker
+
+
+RUN_ID_FILE = ".mlflow_run_id"  # the run dir's MLflow run, before it has a checkpoint
+
+
+def _unfinished_run(job: Job) -> str | None:
+    """The MLflow run this run directory opened and left without a checkpoint (a job stopped or
+    requeued during start-up, e.g. by a SLURM signal, which may come up to a minute early): its
+    requeued job logs into the same run instead of leaving a KILLED one beside a new one."""
+    path = job.run_dir / RUN_ID_FILE
+    if job.config.trainer.resume != "auto" or not path.exists():
+        return None
+    return path.read_text().strip() or None
 
 
 def owning_run(job: Job, body: Callable[[Any], Any], resumed: dict[str, Any] | None):

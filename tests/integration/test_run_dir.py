@@ -105,3 +105,27 @@ def test_the_lock_dies_with_a_killed_job(workdir):
     assert proc.returncode == 0, proc.stderr
     assert "resumed from" in proc.stdout + proc.stderr
     assert load_checkpoint(workdir / "outputs" / "r" / "checkpoints" / "last.pt")["global_step"] == 90
+
+
+def test_a_job_stopped_before_its_first_checkpoint_continues_its_mlflow_run(tmp_path):
+    """A SLURM signal can come up to a minute early: a job requeued before its first checkpoint
+    logs into the run it opened, and the store holds one run, not a KILLED one beside a new one."""
+    from mlflow.tracking import MlflowClient
+
+    from stepwise.runner import open_run
+    from tests.conftest import prepare_job
+
+    job = prepare_job(tmp_path, "trainer.max_steps=2")
+    (job.run_dir / "config.yaml").write_text("{}\n")  # what main writes before the run opens
+    (job.run_dir / "plan.json").write_text(job.plan.to_json())
+    first = open_run(job)
+    first.finish("KILLED")  # stopped during start-up: no checkpoint
+    again = open_run(prepare_job(tmp_path, "trainer.max_steps=2"))
+    assert again.run_id == first.run_id
+    again.finish("FINISHED")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("stepwise").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["total_optimizer_steps"] == "2"
+    fresh = open_run(prepare_job(tmp_path, "trainer.max_steps=2", "trainer.resume=none"))
+    assert fresh.run_id != first.run_id  # resume=none starts a new run
+    fresh.finish("FINISHED")
