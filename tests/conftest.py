@@ -39,6 +39,22 @@ def prepare_job(tmp_path: Path, *overrides: str) -> Job:
     return prepare(compose_config(*overrides), run_dir=run_dir, start_dir=tmp_path)
 
 
+def run_two_ranks(target, *args, timeout: float = 240) -> list:
+    """Run `target(rank, *args, queue)` in 2 spawned processes; their results, sorted (each
+    process puts one on the queue). Waits for the results themselves, not for a duration."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(rank, *args, queue)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=timeout) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    return results
+
+
 def count_allreduce_rounds(ddp_model) -> list[int]:
     """The buckets DDP all-reduces, one entry per round (a comm hook that records, then runs
     DDP's default all-reduce)."""

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from mlflow.tracking import MlflowClient
 
 from stepwise.build import build_trainer
@@ -19,7 +18,7 @@ from stepwise.checkpoint import load_checkpoint
 from stepwise.dist_env import DistEnv
 from stepwise.distributed import start_replica, stop_replica
 from stepwise.tracking import NullTracker
-from tests.conftest import ROOT, count_allreduce_rounds, prepare_job, run_cli
+from tests.conftest import ROOT, count_allreduce_rounds, prepare_job, run_cli, run_two_ranks
 
 pytestmark = [pytest.mark.ddp, pytest.mark.cli]
 
@@ -98,15 +97,7 @@ def _free_port() -> int:
 def test_one_allreduce_round_per_optimizer_step(tmp_path, sync_every, expected_rounds):
     """accum=8, 4 optimizer steps: 4 all-reduce rounds with no_sync, 32 without it."""
     (tmp_path / "port").write_text(str(_free_port()))
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_count_allreduce_rounds, args=(r, str(tmp_path), sync_every, queue))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=30)
+    results = run_two_ranks(_count_allreduce_rounds, str(tmp_path), sync_every)
     # The MLP's gradients fit in one DDP bucket: one hook call is one all-reduce round.
     assert results == [(0, expected_rounds, 4, 32), (1, expected_rounds, 4, 32)]
 

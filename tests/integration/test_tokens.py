@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch.nn import functional as F
 
 from stepwise.build import build_trainer
@@ -19,7 +18,7 @@ from stepwise.distributed import Replica, start_replica, stop_replica
 from stepwise.fit import train
 from stepwise.sampler import epoch_permutation
 from stepwise.tracking import NullTracker
-from tests.conftest import count_allreduce_rounds, prepare_job, run_cli
+from tests.conftest import count_allreduce_rounds, prepare_job, run_cli, run_two_ranks
 
 # 101 = 3 x 32 + 5 sequences of 1-24 characters: every epoch ends with a window of 5, which in
 # DDP with b=8 leaves rank 1 with no real sequence in its last micro-step.
@@ -135,15 +134,7 @@ def test_an_optimizer_step_costs_the_gradient_round_and_at_most_one_count(tmp_pa
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_count_rounds, args=(r, port, str(tmp_path), stated, queue))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=240) for _ in procs)
-    for p in procs:
-        p.join(timeout=30)
+    results = run_two_ranks(_count_rounds, port, str(tmp_path), stated)
     steps = results[0][3]
     counts = 1 if stated else steps + 1
     # The model's gradients fit in one DDP bucket: one hook call is one all-reduce round.
