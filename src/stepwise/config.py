@@ -256,6 +256,8 @@ class LoggerConfig:
     tracking_uri: str | None = None
     experiment_name: str = "stepwise"
     run_name: str | None = None
+    system_metrics_interval_s: float = 5.0  # 0: no system/* metrics
+    flush_timeout_s: float = 60.0
 
 
 @dataclass

@@ -85,6 +85,7 @@ def _worker(job: Job, run_id: str | None, tracking_uri: str | None,
     from stepwise.dist_env import detect
     from stepwise.distributed import start_replica, stop_replica
     from stepwise.fit import train
+    from stepwise.outbox import UNSENT_DIR
     from stepwise.resume import resume_state
     from stepwise.tracking import MlflowTracker, NullTracker
 
@@ -102,8 +103,13 @@ def _worker(job: Job, run_id: str | None, tracking_uri: str | None,
     try:
         tracker = NullTracker()
         if replica.is_main and run_id is not None:
-            tracker = MlflowTracker(tracking_uri, job.config.logger.experiment_name, run_id=run_id)
-        result = train(job, replica, tracker, resume_state(job))
+            tracker = MlflowTracker(tracking_uri, job.config.logger.experiment_name, run_id=run_id,
+                                    spool_dir=job.run_dir / UNSENT_DIR,
+                                    flush_timeout_s=job.config.logger.flush_timeout_s)
+        try:
+            result = train(job, replica, tracker, resume_state(job))
+        finally:
+            tracker.close()  # what it logged is sent (or spooled) before this process ends
     except BaseException as err:
         stop = stop_in(err)
         # After a checkpoint every rank is at the same step and they leave the group together;

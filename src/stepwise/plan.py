@@ -172,6 +172,14 @@ class Plan:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
 
+    def summary(self) -> str:
+        """The plan in one line (an MLflow run's description)."""
+        return (f"E={self.effective_batch_size} (b={self.per_device_batch_size} x "
+                f"k={self.accum} x W={self.world_size}) on N={self.train_samples}: "
+                f"{self.total_optimizer_steps} optimizer steps over {self.epochs} epochs "
+                f"(bound by {self.budget}), {self.total_samples} samples, lr {self.lr:.6g} "
+                f"({self.lr_rule} x {self.lr_scale_factor:.6g}), {self.schedule.name} schedule")
+
     def table(self, extra: Sequence[tuple[str, Any]] = ()) -> str:
         """The plan as the short table printed before training (`extra` rows at the end)."""
         last = (

@@ -9,12 +9,15 @@ reopens the checkpoint's run on resume), logs params and artifacts, and sets its
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
+from stepwise import provenance
 from stepwise.distributed import resolve_device, start_replica, stop_replica
 from stepwise.fit import train
 from stepwise.job import Job, run_params
+from stepwise.outbox import UNSENT_DIR
 from stepwise.resume import resume_state
 from stepwise.signals import STOP, stop_in
 from stepwise.tracking import MlflowTracker, NullTracker, default_tracking_uri
@@ -23,21 +26,29 @@ log = logging.getLogger(__name__)
 
 
 def open_run(job: Job, resumed: dict[str, Any] | None = None):
-    """Create the job's MLflow run (params and artifacts logged), reopen the run of the checkpoint
-    it resumes, or return a null tracker with `logger=none`."""
+    """Create the job's MLflow run (named, with its provenance tags, params and artifacts),
+    reopen the run of the checkpoint it resumes, or return a null tracker with `logger=none`."""
     cfg = job.config.logger
     if cfg.backend == "none":
         return NullTracker()
     uri = default_tracking_uri(cfg.tracking_uri, job.start_dir)
     run_id = (resumed or {}).get("mlflow_run_id") or _unfinished_run(job)
-    tags, run_name = {"stepwise.run_dir": str(job.run_dir)}, cfg.run_name
+    overrides = _overrides(job)
+    tags = {"stepwise.run_dir": str(job.run_dir)}
+    run_name = cfg.run_name
     if job.sweep is not None and job.sweep.tracking_uri == uri:  # a child of the sweep's run
         tags.update(job.sweep.tags())
-        run_name = run_name or job.sweep.run_name
     elif job.sweep is not None:
         log.warning("this job logs to %s, its sweep's parent run is in %s: not linked to it",
                     uri, job.sweep.tracking_uri)
-    tracker = MlflowTracker(uri, cfg.experiment_name, run_name, run_id=run_id, tags=tags)
+    if run_id is None:  # the tags of a new run; a reopened one has them
+        tags.update(provenance.run_tags(job.plan.summary(), overrides, job.start_dir))
+        run_name = run_name or provenance.run_name(cfg.experiment_name, overrides, time.time())
+    tracker = MlflowTracker(uri, cfg.experiment_name, run_name, run_id=run_id, tags=tags,
+                            spool_dir=job.run_dir / UNSENT_DIR,
+                            flush_timeout_s=cfg.flush_timeout_s)
+    if cfg.system_metrics_interval_s > 0:
+        tracker.start_system_metrics(cfg.system_metrics_interval_s)
     if tracker.resumed and resumed is not None:
         log.info("MLflow run %s reopened in %s at global_step %d", tracker.run_id, uri,
                  resumed["global_step"])
@@ -54,6 +65,15 @@ def open_run(job: Job, resumed: dict[str, Any] | None = None):
     return tracker
 
 
+def _overrides(job: Job) -> list[str]:
+    """The job's own command-line overrides (a sweep's job: its share of the sweep)."""
+    if job.sweep is not None:
+        return list(job.sweep.overrides)
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
 RUN_ID_FILE = ".mlflow_run_id"  # the run dir's MLflow run, before it has a checkpoint
 
 
@@ -67,8 +87,10 @@ def _unfinished_run(job: Job) -> str | None:
     return path.read_text().strip() or None
 
 
-def owning_run(job: Job, body: Callable[[Any], Any], resumed: dict[str, Any] | None):
-    """Open (or reopen) the MLflow run, call `body(tracker)`, and close the run as it ended.
+def owning_run(job: Job, body: Callable[[Any], Any], resumed: dict[str, Any] | None,
+               log_file: str | None = None):
+    """Open (or reopen) the MLflow run, call `body(tracker)`, and close the run as it ended,
+    with the job's log attached.
 
     A stop signal that arrives while the run is being opened or closed is honoured once it is
     open (KILLED), or ignored once it is closed (the job is over): never a run left RUNNING.
@@ -87,6 +109,8 @@ def owning_run(job: Job, body: Callable[[Any], Any], resumed: dict[str, Any] | N
         raise
     finally:
         with STOP.deferred():
+            if log_file is not None:
+                tracker.log_artifact(log_file)
             tracker.finish(status)
 
 
@@ -100,14 +124,14 @@ def execute(job: Job, log_file: str | None = None) -> dict[str, float]:
         # Tried once, here, on the device of local rank 0; the workers get the job as decided.
         job = fit_batch_size(job, resolve_device(job.config.trainer.device))
         resumed = resume_state(job)
-        return owning_run(job, lambda tracker: spawn(job, tracker, log_file), resumed)
+        return owning_run(job, lambda tracker: spawn(job, tracker, log_file), resumed, log_file)
     replica = start_replica(job.world, job.config.parallel, job.config.trainer.device)
     try:
         job = fit_batch_size(job, replica.device, replica)
         resumed = resume_state(job)
         if replica.is_main:
             result = owning_run(job, lambda tracker: train(job, replica, tracker, resumed),
-                                resumed)
+                                resumed, log_file)
         else:
             result = train(job, replica, NullTracker(), resumed)
     except BaseException as err:

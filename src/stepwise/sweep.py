@@ -123,7 +123,7 @@ class SweepParent(Callback):
                                       "stepwise.role": "sweep"})
         tracker.log_params({"sweep.overrides": " ".join(overrides),
                             "sweep.launcher": OmegaConf.select(config, "hydra.launcher._target_")})
-        tracker.flush()
+        tracker.close()  # sent before any job starts; the run stays RUNNING until the end
         self.run_id, self.tracking_uri, self.sweep_dir = tracker.run_id, uri, str(sweep_dir)
         (sweep_dir / SWEEP_FILE).write_text(json.dumps({"run_id": self.run_id,
                                                         "tracking_uri": uri}))

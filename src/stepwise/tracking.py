@@ -6,13 +6,17 @@ mlflow is imported only here and only when a run is really opened, so dry runs s
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
 
-MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
-FLUSH_EVERY = 500  # buffered metric values before a log_batch round-trip
+log = logging.getLogger(__name__)
+
+FLUSH_EVERY = 500  # buffered metric values handed to the outbox at once
+FLUSH_TIMEOUT_S = 60.0  # at the end, how long to wait for the store before spooling the rest
 SERVER_TIMEOUT_S = 10  # an http tracking URI that does not answer in this time is reported
 RETRIES = 5  # sqlite "database is locked" while other jobs write: retried with a backoff
 
@@ -112,44 +116,61 @@ class NullTracker:
 
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
-    def log_artifact(self, path: str | os.PathLike) -> None: ...
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None: ...
+    def set_tags(self, tags: dict[str, Any]) -> None: ...
+    def start_system_metrics(self, interval_s: float) -> None: ...
     def flush(self) -> None: ...
+    def close(self, status: str | None = None) -> None: ...
     def finish(self, status: str) -> None: ...
 
 
 class MlflowTracker:
-    """One MLflow run per job; metrics are buffered and sent with `log_batch`.
+    """One MLflow run per job. The run is created (or reopened) here, synchronously; everything
+    logged afterwards goes through an `Outbox` and is sent by a background thread, so that a
+    slow or absent tracking server never holds training up (DESIGN section 6).
 
     Args:
         tracking_uri: where the store is (sqlite file, directory or http server).
-        experiment_name: created if it does not exist.
-        run_name: shown in the UI; MLflow picks one when None.
+        experiment_name: created if it does not exist (its artifacts beside a sqlite store).
+        run_name: shown in the UI.
         tags: set on the run when it is created.
         run_id: continue this existing run (a resume, or a spawned rank 0 logging into the run
             its launching process owns): it is set RUNNING again, and metric values already
             logged at a step are not logged again. If the store does not know it, a new run is
             created.
+        spool_dir: where what could not be sent is kept (the run dir's `mlflow_unsent/`).
+        flush_timeout_s: how long `close` waits for the store before spooling what is left.
     """
 
     def __init__(self, tracking_uri: str, experiment_name: str, run_name: str | None = None,
-                 tags: dict[str, str] | None = None, run_id: str | None = None) -> None:
+                 tags: dict[str, str] | None = None, run_id: str | None = None,
+                 spool_dir: Path | None = None, flush_timeout_s: float = FLUSH_TIMEOUT_S) -> None:
         from mlflow.tracking import MlflowClient
+
+        from stepwise.outbox import Outbox
 
         check_scheme(tracking_uri)
         check_reachable(tracking_uri)
+        if tracking_uri.startswith(("http://", "https://")):
+            # The outbox retries (in the background); MLflow's own retries would hold one
+            # request for minutes, and the end of the job with it.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(SERVER_TIMEOUT_S * 3))
         with store_lock(tracking_uri):
             self.client = MlflowClient(tracking_uri)
             self.client.search_experiments(max_results=1)  # creates the store's tables once
-        self.tracking_uri = tracking_uri
-        self._pending: list[Any] = []
+        self.tracking_uri, self.flush_timeout_s = tracking_uri, flush_timeout_s
+        self._pending: list[list] = []
         self._logged_up_to: dict[str, int] = {}
+        self._monitor = None
         self.resumed = run_id is not None and self._reopen(run_id)
         if self.resumed:
             self.run_id = run_id
-            return
-        experiment_id = self._experiment_id(experiment_name)
-        self.run_id = self.client.create_run(experiment_id, run_name=run_name,
-                                             tags=tags or {}).info.run_id
+        else:
+            experiment_id = self._experiment_id(experiment_name)
+            self.run_id = retrying(self.client.create_run, experiment_id, run_name=run_name,
+                                   tags=tags or {}).info.run_id
+        self.outbox = Outbox(self.client, self.run_id, tracking_uri, spool_dir)
 
     def _reopen(self, run_id: str) -> bool:
         try:
@@ -168,40 +189,75 @@ class MlflowTracker:
         if experiment is not None:
             return experiment.experiment_id
         try:
-            return self.client.create_experiment(name)
+            return self.client.create_experiment(name, artifact_location=artifact_location(
+                self.tracking_uri, name))
         except Exception:  # another job of the same sweep created it first
             return self.client.get_experiment_by_name(name).experiment_id
 
     def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
+        self.outbox.put(("params", {key: str(value) for key, value in params.items()}))
 
-        items = [Param(key, str(value)) for key, value in params.items()]
-        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            retrying(self.client.log_batch, self.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.outbox.put(("tags", {key: str(value) for key, value in tags.items()}))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        self._pending += [Metric(key, float(value), now, step) for key, value in metrics.items()
+        self._pending += [[key, float(value), now, step] for key, value in metrics.items()
                           if step > self._logged_up_to.get(key, -1)]
         if len(self._pending) >= FLUSH_EVERY:
             self.flush()
 
     def flush(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending[:1000], self._pending[1000:]
-            retrying(self.client.log_batch, self.run_id, metrics=batch)
+        """Hand the buffered metric values to the outbox (no wait for the store)."""
+        if self._pending:
+            self.outbox.put(("metrics", self._pending))
+            self._pending = []
 
-    def log_artifact(self, path: str | os.PathLike) -> None:
-        retrying(self.client.log_artifact, self.run_id, str(path))
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.outbox.put(("artifact", str(path), artifact_path))
+
+    def start_system_metrics(self, interval_s: float) -> None:
+        """CPU, memory, disk, network (and GPU when one is present) as `system/*` metrics, every
+        `interval_s` seconds until `close` (MLflow's own monitors; stepwise/system_metrics.py)."""
+        from stepwise.system_metrics import SystemMetrics
+
+        first = 1 + max((step for key, step in self._logged_up_to.items()
+                         if key.startswith("system/")), default=-1)  # a resumed run goes on
+        self._monitor = SystemMetrics(self.outbox, interval_s, first)
+        self._monitor.start()
+
+    def sync(self, timeout: float | None = None) -> bool:
+        """Wait until everything logged so far has been sent (True), or `timeout` seconds."""
+        self.flush()
+        return self.outbox.drain(self.flush_timeout_s if timeout is None else timeout)
+
+    def close(self, status: str | None = None) -> None:
+        """Send what is left (and the run's final status, when given) within `flush_timeout_s`;
+        what the store did not take by then is written to the spool, for `stepwise.replay`."""
+        if self._monitor is not None:
+            self._monitor.stop()
+            self._monitor = None
+        self.flush()
+        if status is not None:
+            self.outbox.put(("terminate", status, int(time.time() * 1000)))
+        spooled = self.outbox.close(self.flush_timeout_s)
+        if spooled is not None:
+            log.warning("MLflow: %s did not take everything within %.0f s (logger.flush_timeout_s);"
+                        " the rest is kept in %s; send it with: python -m stepwise.replay %s",
+                        self.tracking_uri, self.flush_timeout_s, spooled, spooled.parent)
 
     def finish(self, status: str) -> None:
-        """Flush and close the run as FINISHED, FAILED or KILLED."""
-        try:
-            self.flush()
-        finally:
-            retrying(self.client.set_terminated, self.run_id, status=status)
+        """Close the run as FINISHED, FAILED or KILLED."""
+        self.close(status)
+
+
+def artifact_location(tracking_uri: str, experiment_name: str) -> str | None:
+    """Beside a sqlite store (`<its dir>/mlartifacts/<experiment>`), instead of MLflow's default,
+    `./mlruns` of whatever directory the command was started from; other stores decide."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment_name).strip("_") or "experiment"
+    return (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts" / slug).as_uri()
 
 
 def scalars(name: str, value: Any) -> dict[str, float]:
