@@ -210,10 +210,23 @@ class Outbox:
                 if not self._queue and self._spilled:
                     self._load_spilled()
                 if self._queue:
-                    self._sending = self._queue.popleft()
+                    self._sending = self._take()
                     return self._sending
                 self._lock.wait()
             return None
+
+    def _take(self) -> Op:
+        """The next operation; consecutive metrics operations are merged into one request of at
+        most one log_batch (a server catching up after an outage gets few large requests, not
+        one per logging point)."""
+        op = self._queue.popleft()
+        if op[0] != "metrics":
+            return op
+        values = list(op[1])
+        while (self._queue and self._queue[0][0] == "metrics"
+               and len(values) + len(self._queue[0][1]) <= BATCH["metrics"]):
+            values += self._queue.popleft()[1]
+        return ("metrics", values)
 
     def _load_spilled(self) -> None:
         ops = self.spool.take_oldest()

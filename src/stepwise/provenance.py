@@ -2,8 +2,9 @@
 
 MLflow's own context tags (`mlflow.user`, `mlflow.source.*`, `mlflow.source.git.*`) are what
 its fluent `start_run` would set; stepwise creates runs with the client, so it asks MLflow's
-context registry for them, and completes the git tags from the directory the command was started
-in when the entry point is not inside a repository (an installed `stepwise`, a submitit job).
+context registry for them. MLflow takes the git tags from the entry point's repository; the
+project a user works in is the directory the command was started in (the entry point may be an
+installed `stepwise`, a stepwise checkout, or a submitit job), so its repository wins.
 """
 
 from __future__ import annotations
@@ -46,19 +47,21 @@ def command_line(overrides: Sequence[str], argv0: str | None = None) -> str:
 
 
 def git_tags(start_dir: Path) -> dict[str, str]:
-    """MLflow's context tags, with the git commit, branch, remote and dirty flag of the entry
-    point's repository, or else of `start_dir`'s."""
+    """MLflow's context tags, with the git commit, branch, remote and dirty flag of the project
+    the command was started in (`start_dir`'s repository), else of the entry point's."""
     from mlflow.tracking.context.registry import resolve_tags
     from mlflow.utils import git_utils
     from mlflow.utils.mlflow_tags import MLFLOW_GIT_BRANCH, MLFLOW_GIT_COMMIT, MLFLOW_GIT_REPO_URL
 
-    tags = resolve_tags()
+    tags = resolve_tags()  # git tags of the entry point's repository (sys.argv[0]), if any
     where = Path(sys.argv[0]).resolve().parent if sys.argv and sys.argv[0] else start_dir
-    if MLFLOW_GIT_COMMIT not in tags:
+    commit = git_utils.get_git_commit(str(start_dir))
+    if commit is not None:
         where = start_dir
-        found = {MLFLOW_GIT_COMMIT: git_utils.get_git_commit(str(start_dir)),
-                 MLFLOW_GIT_BRANCH: git_utils.get_git_branch(str(start_dir)),
-                 MLFLOW_GIT_REPO_URL: git_utils.get_git_repo_url(str(start_dir))}
+        for key in (MLFLOW_GIT_COMMIT, MLFLOW_GIT_BRANCH, MLFLOW_GIT_REPO_URL):
+            tags.pop(key, None)
+        found = {MLFLOW_GIT_COMMIT: commit, MLFLOW_GIT_BRANCH: git_utils.get_git_branch(
+                 str(start_dir)), MLFLOW_GIT_REPO_URL: git_utils.get_git_repo_url(str(start_dir))}
         tags.update({key: value for key, value in found.items() if value})
     if MLFLOW_GIT_COMMIT in tags:
         dirty = _dirty(where)
