@@ -1,4 +1,5 @@
-"""DDP inside a real SLURM step (`srun -n 2`, the local cluster of ../shared/slurm-local)."""
+"""DDP inside a real SLURM step (`srun -n 2`), and sweeps through submitit, on the local cluster
+that `bash scripts/slurm-local/up.sh` starts (as root)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from stepwise.checkpoint import load_checkpoint
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.slurm, pytest.mark.ddp]
+START = "start one with `bash scripts/slurm-local/up.sh` (as root; scripts/slurm-local/README.md)"
 
 
 def _slurm_up() -> bool:
@@ -32,8 +34,8 @@ def _slurm_up() -> bool:
 def slurm_cluster():
     if not _slurm_up():
         if os.environ.get("STEPWISE_REQUIRE_SLURM") == "1":
-            pytest.fail("STEPWISE_REQUIRE_SLURM=1 but no SLURM cluster answers (sinfo)")
-        pytest.skip("no SLURM cluster: start one with ../shared/slurm-local/up.sh")
+            pytest.fail(f"STEPWISE_REQUIRE_SLURM=1 but no SLURM cluster answers (sinfo): {START}")
+        pytest.skip(f"no SLURM cluster answers (sinfo): {START}")
 
 
 def _srun(workdir: Path, *args: str, tasks: int = 2) -> subprocess.CompletedProcess:
