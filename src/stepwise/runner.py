@@ -57,7 +57,8 @@ def open_run(job: Job, resumed: dict[str, Any] | None = None):
         log.info("MLflow run %s reopened in %s: stopped before its first checkpoint, it starts "
                  "again from step 0", tracker.run_id, uri)
     else:
-        log.info("MLflow run %s in %s (experiment %s)", tracker.run_id, uri, cfg.experiment_name)
+        log.info("MLflow run %s in %s (experiment %s); in the UI: %s", tracker.run_id, uri,
+                 cfg.experiment_name, tracker.ui_link())
         (job.run_dir / RUN_ID_FILE).write_text(tracker.run_id)
     tracker.log_params(run_params(job))
     for artifact in ("config.yaml", "plan.json"):

@@ -167,9 +167,9 @@ class MlflowTracker:
         if self.resumed:
             self.run_id = run_id
         else:
-            experiment_id = self._experiment_id(experiment_name)
-            self.run_id = retrying(self.client.create_run, experiment_id, run_name=run_name,
-                                   tags=tags or {}).info.run_id
+            run = retrying(self.client.create_run, self._experiment_id(experiment_name),
+                           run_name=run_name, tags=tags or {})
+            self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
         self.outbox = Outbox(self.client, self.run_id, tracking_uri, spool_dir)
 
     def _reopen(self, run_id: str) -> bool:
@@ -177,6 +177,7 @@ class MlflowTracker:
             run = self.client.get_run(run_id)
         except Exception:
             return False
+        self.experiment_id = run.info.experiment_id
         for key in run.data.metrics:
             steps = [m.step for m in self.client.get_metric_history(run_id, key)]
             self._logged_up_to[key] = max(steps, default=-1)
@@ -249,6 +250,15 @@ class MlflowTracker:
     def finish(self, status: str) -> None:
         """Close the run as FINISHED, FAILED or KILLED."""
         self.close(status)
+
+    def ui_link(self) -> str:
+        """The run in the MLflow UI: the server's own address, or `mlflow ui`'s default one.
+        MLflow 3 opens on its GenAI pages, where training runs are not listed: the link asks
+        for the model-training view."""
+        base = (self.tracking_uri.rstrip("/") if self.tracking_uri.startswith(("http://", "https://"))
+                else "http://127.0.0.1:5000")
+        return (f"{base}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+                "?workflowType=machine_learning")
 
 
 def artifact_location(tracking_uri: str, experiment_name: str) -> str | None:

@@ -32,9 +32,12 @@ def test_a_run_says_where_it_came_from(tmp_path):
     launch, store = tmp_path / "launch", tmp_path / "store"
     launch.mkdir()
     uri = f"sqlite:///{store / 'mlflow.db'}"
-    run_cli("trainer.max_epochs=1", "accum=2", f"logger.tracking_uri={uri}",
-            "logger.system_metrics_interval_s=0.5", cwd=launch, check=True)
+    proc = run_cli("trainer.max_epochs=1", "accum=2", f"logger.tracking_uri={uri}",
+                   "logger.system_metrics_interval_s=0.5", cwd=launch, check=True)
     client, run = _only_run(uri)
+    # MLflow 3's UI opens on GenAI pages: the link asks for the model-training view of the run
+    assert (f"in the UI: http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/"
+            f"{run.info.run_id}?workflowType=machine_learning") in proc.stdout + proc.stderr
     tags = run.data.tags
     assert run.info.run_name == f"trainer.max_epochs=1 accum=2 logger.tracking_uri={uri} " \
                                 "logger.system_metrics_interval_s=0.5"
