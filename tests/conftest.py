@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -103,7 +104,8 @@ def serve_mlflow(root: Path, *args: str, env: dict | None = None):
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1", "--backend-store-uri",
          f"sqlite:///{root / 'server.db'}", *args],
-        cwd=root, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=log)
+        cwd=root, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=log,
+        start_new_session=True)  # its group: uvicorn and the job runners it starts
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300  # minutes when the machine is busy: a bound, not a wait
@@ -118,10 +120,11 @@ def serve_mlflow(root: Path, *args: str, env: dict | None = None):
         yield uri
     finally:
         server.terminate()
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        with contextlib.suppress(ProcessLookupError):  # whatever of its group is still running
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
         log.close()
 
 
