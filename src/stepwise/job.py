@@ -21,6 +21,7 @@ from stepwise.items import ItemPlan, item_plan
 from stepwise.plan import Plan, derive_accum, make_plan
 from stepwise.probe import check_context, check_model
 from stepwise.schedule import adapted_optimizer_args
+from stepwise.tracking_auth import check_tracking
 from stepwise.world import World, resolve_world
 
 if TYPE_CHECKING:
@@ -289,6 +290,9 @@ def prepare(config: Config, run_dir: Path, start_dir: Path, env: DistEnv | None 
     """
     env = env or DistEnv()
     validate(config)
+    # Every rank asks (they share the environment): a rank that stopped alone would leave the
+    # others waiting for it in the process group.
+    check_tracking(config.logger, start_dir, config.dry_run)
     world = resolve_world(config.parallel, config.trainer.device, env, visible_gpus(config))
     batch_size, accum = resolve_accum(config, world.size)
     data = build_data(dataclasses.asdict(config.data))

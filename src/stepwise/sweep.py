@@ -108,11 +108,13 @@ class SweepParent(Callback):
 
     def _open(self, config: DictConfig) -> None:
         from stepwise.tracking import MlflowTracker, default_tracking_uri
+        from stepwise.tracking_auth import check_tracking
 
         check_launcher(config)
         logger = config.logger
         if logger.backend == "none":
             return
+        check_tracking(logger, Path.cwd(), dry_run=False)
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         overrides = list(config.hydra.overrides.task)

@@ -8,11 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from stepwise.sweep_report import CSV_NAME, PNG_NAME
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, serve_mlflow
 
 pytestmark = [pytest.mark.cli]
 
@@ -98,37 +93,12 @@ def test_a_failing_job_fails_the_parent(workdir):
     assert [r["status"] for r in summary_rows(client, parent)] == ["FINISHED", "FAILED"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on loopback, with its own sqlite store and artifact directory."""
     root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-         "--artifacts-destination", str(root / "artifacts")],
-        cwd=root, stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"))
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()}")
-            time.sleep(0.5)
-    yield uri
-    server.terminate()
-    server.wait(timeout=30)
+    with serve_mlflow(root, "--artifacts-destination", str(root / "artifacts")) as uri:
+        yield uri
 
 
 @pytest.mark.ddp
