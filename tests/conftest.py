@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -88,44 +84,18 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300
     return proc
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serve_mlflow(root: Path, *args: str, env: dict | None = None):
     """A real `mlflow server <args>` on a free loopback port, with its store in `root`: yields
-    its URI once /health answers (polled), and is always stopped."""
-    port = free_port()
-    log = open(root / "server.log", "w")
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1", "--backend-store-uri",
-         f"sqlite:///{root / 'server.db'}", *args],
-        cwd=root, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=log,
-        start_new_session=True)  # its group: uvicorn and the job runners it starts
-    uri = f"http://127.0.0.1:{port}"
+    its URI once /health answers (polled), and is always stopped (tests/mlflow_server.py)."""
+    from tests.mlflow_server import MlflowServer
+
+    server = MlflowServer(root, extra_args=args, env={**os.environ, **(env or {})})
     try:
-        deadline = time.monotonic() + 300  # minutes when the machine is busy: a bound, not a wait
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                    break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()}")
-                time.sleep(0.5)
-        yield uri
+        # minutes when the machine is busy: a bound, not a wait
+        yield server.start(timeout=300).uri
     finally:
-        server.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            server.wait(timeout=30)
-        with contextlib.suppress(ProcessLookupError):  # whatever of its group is still running
-            os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
-        log.close()
+        server.stop()
 
 
 @pytest.fixture

@@ -20,7 +20,8 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    """`mlflow server` with its own sqlite store and artifact directory under `root`."""
+    """`mlflow server` with its own sqlite store under `root` (and artifact directory, unless
+    `extra_args` name one)."""
 
     def __init__(self, root: Path, port: int | None = None, extra_args: tuple[str, ...] = (),
                  env: dict | None = None) -> None:
@@ -31,14 +32,17 @@ class MlflowServer:
 
     def start(self, timeout: float = 120) -> MlflowServer:
         """Start it and wait until /health answers."""
-        log = open(self.root / "server.log", "a")
-        self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
-             "--artifacts-destination", str(self.root / "artifacts"), *self.extra_args],
-            cwd=self.root, stdout=log, stderr=log, start_new_session=True,
-            env=self.env if self.env is not None else os.environ.copy())
+        artifacts = () if "--artifacts-destination" in self.extra_args else (
+            "--artifacts-destination", str(self.root / "artifacts"))
+        with open(self.root / "server.log", "a") as log:
+            # its own session: uvicorn and the job runners it starts are stopped with it
+            self.proc = subprocess.Popen(
+                [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+                 "--port", str(self.port), "--workers", "1",
+                 "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}", *artifacts,
+                 *self.extra_args],
+                cwd=self.root, stdout=log, stderr=log, start_new_session=True,
+                env=self.env if self.env is not None else os.environ.copy())
         deadline = time.monotonic() + timeout
         while not self.answers():
             if self.proc.poll() is not None or time.monotonic() > deadline:
