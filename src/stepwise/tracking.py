@@ -113,6 +113,7 @@ class NullTracker:
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: str | os.PathLike) -> None: ...
+    def log_model(self, module: Any, example: Any, **options: Any) -> str | None: ...
     def flush(self) -> None: ...
     def finish(self, status: str) -> None: ...
 
@@ -195,6 +196,14 @@ class MlflowTracker:
 
     def log_artifact(self, path: str | os.PathLike) -> None:
         retrying(self.client.log_artifact, self.run_id, str(path))
+
+    def log_model(self, module: Any, example: Any, **options: Any) -> str:
+        """Log `module` as an MLflow PyTorch model of the run (stepwise.model_log.log_model takes
+        `options`); the metrics logged so far are sent first, to be linked to it."""
+        from stepwise.model_log import log_model
+
+        self.flush()
+        return log_model(self.tracking_uri, self.run_id, module, example, **options)
 
     def finish(self, status: str) -> None:
         """Flush and close the run as FINISHED, FAILED or KILLED."""
