@@ -113,7 +113,7 @@ def test_best_checkpoint_and_the_logged_models(workdir, tmp_path):
 
     # logger.register_model: the best model (with trainer.monitor) is version 1.
     [version] = client.search_model_versions("name = 'digits-mlp'")
-    assert (version.version, version.run_id, version.status) == ("1", run.info.run_id, "READY")
+    assert (version.version, version.run_id, version.status) == (1, run.info.run_id, "READY")
     [best_model] = [m for m in client.search_logged_models([run.info.experiment_id])
                     if m.name == "best_model"]
     assert version.source == f"models:/{best_model.model_id}"
