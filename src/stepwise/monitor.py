@@ -98,13 +98,16 @@ class Monitor:
 
     def load_state_dict(self, state: dict[str, Any] | None) -> bool:
         """Continue from a checkpoint's monitor state; False (state ignored) if it monitored
-        another metric or mode, or had none."""
+        another metric or mode, or had none. An early stop stands only if this run's patience
+        has run out too (a resume with more patience trains on)."""
         if not state or (state["name"], state["mode"]) != (self.name, self.mode):
             return False
         for key in ("best", "best_step", "best_metrics", "evaluations", "bad_evaluations",
                     "stopped_at"):
             setattr(self, key, state[key])
         self.best_metrics = dict(self.best_metrics)
+        if self.patience is None or self.bad_evaluations < self.patience:
+            self.stopped_at = None
         return True
 
 

@@ -64,6 +64,11 @@ def test_monitor_state_survives_a_checkpoint_round_trip():
     fresh.update({"val/loss": 1.2}, 40)
     fresh.update({"val/loss": 1.1}, 50)
     assert fresh.stopped_at == 50  # 3 in a row without improvement, counted across the resume
+    stopped = fresh.state_dict()
+    same = Monitor("val/loss", "min", patience=3)
+    assert same.load_state_dict(stopped) and same.stopped_at == 50
+    patient = Monitor("val/loss", "min", patience=4)  # a resume with more patience trains on
+    assert patient.load_state_dict(stopped) and patient.stopped_at is None
     assert not Monitor("val/accuracy", "max").load_state_dict(monitor.state_dict())
     assert not Monitor("val/loss", "max").load_state_dict(monitor.state_dict())
     assert not Monitor("val/loss").load_state_dict(None)
