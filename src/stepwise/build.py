@@ -134,4 +134,17 @@ def build_trainer(job: Any, replica: Any, tracker: Any):
     return Trainer(parts, plan, train_loader=train_loader, val_loader=val_loader, replica=replica,
                    tracker=tracker, progress=NullProgress(), settings=LoopSettings.of(trainer_cfg),
                    save=checkpoint_saver(job, tracker),
-                   precision=Precision(trainer_cfg.precision, replica.device), items=job.items)
+                   precision=Precision(trainer_cfg.precision, replica.device), items=job.items,
+                   best=best_keeper(job, tracker))
+
+
+def best_keeper(job: Any, tracker: Any):
+    """`trainer.monitor`'s best checkpoint and early stopping, or None when nothing is monitored."""
+    from stepwise.checkpoint import best_saver
+    from stepwise.monitor import BestKeeper, Monitor
+
+    cfg = job.config.trainer
+    if cfg.monitor is None:
+        return None
+    monitor = Monitor(cfg.monitor, cfg.monitor_mode, cfg.early_stopping_patience, cfg.min_delta)
+    return BestKeeper(monitor, best_saver(job, tracker))

@@ -162,19 +162,46 @@ def latest_valid(directory: Path) -> tuple[Path, dict[str, Any]] | None:
     return None
 
 
+BEST_FILE = "best.pt"  # trainer.monitor's best evaluation; never a resume candidate (auto)
+
+
+def _payload(job, tracker, trainer) -> dict[str, Any] | None:
+    """The checkpoint of `trainer` now, on the main rank (None elsewhere; every rank gathers).
+    Metrics logged so far are flushed first, so that a resume from it logs nothing twice."""
+    state = trainer.state_dict()
+    if not trainer.replica.is_main:
+        return None
+    tracker.flush()
+    state.update(epoch=trainer.counters.epoch, samples_seen=trainer.counters.samples_seen,
+                 plan=job.plan.to_dict(), config=job.config_dict(), mlflow_run_id=tracker.run_id)
+    return state
+
+
 def checkpoint_saver(job, tracker) -> Callable:
-    """Save a checkpoint (every rank gathers; rank 0 writes); metrics logged so far are flushed
-    first, so that a resume from it logs nothing twice."""
+    """Save a checkpoint (every rank gathers; rank 0 writes step-N.pt and last.pt)."""
 
     def save(trainer) -> None:
-        state = trainer.state_dict()
-        if not trainer.replica.is_main:
+        state = _payload(job, tracker, trainer)
+        if state is None:
             return
-        tracker.flush()
-        state.update(epoch=trainer.counters.epoch, samples_seen=trainer.counters.samples_seen,
-                     plan=job.plan.to_dict(), config=job.config_dict(),
-                     mlflow_run_id=tracker.run_id)
         path = publish(job.run_dir / "checkpoints", state, job.config.trainer.keep_checkpoints)
         log.info("checkpoint at global_step %d: %s", trainer.counters.global_step, path)
 
     return save
+
+
+def best_saver(job, tracker) -> Callable:
+    """Save `checkpoints/best.pt` (every rank gathers; rank 0 writes): last.pt's format, plus
+    `monitor`, `monitor_mode` and `best_value`."""
+
+    def save_best(trainer) -> None:
+        state = _payload(job, tracker, trainer)
+        if state is None:
+            return
+        monitor = trainer.best.monitor
+        state.update(monitor=monitor.name, monitor_mode=monitor.mode, best_value=monitor.best)
+        path = save_checkpoint(job.run_dir / "checkpoints" / BEST_FILE, state)
+        log.info("best %s=%.6g at global_step %d: %s", monitor.name, monitor.best,
+                 trainer.counters.global_step, path)
+
+    return save_best

@@ -248,6 +248,10 @@ class TrainerConfig:
     keep_checkpoints: int = 2
     resume: str = "auto"
     on_nonfinite: str = "stop"
+    monitor: str | None = None  # e.g. val/loss: keep checkpoints/best.pt by it
+    monitor_mode: str = "min"  # min | max
+    early_stopping_patience: int | None = None  # evaluations without improvement; null: off
+    min_delta: float = 0.0  # an improvement must beat the best by more than this
 
 
 @dataclass
@@ -258,6 +262,8 @@ class LoggerConfig:
     run_name: str | None = None
     system_metrics_interval_s: float = 5.0  # 0: no system/* metrics
     flush_timeout_s: float = 60.0
+    log_model: bool = True  # the final (and best) model as an MLflow PyTorch model
+    register_model: str | None = None  # register it (the best one when monitoring) by this name
 
 
 @dataclass

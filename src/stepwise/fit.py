@@ -7,6 +7,7 @@ from typing import Any
 
 from stepwise.build import build_trainer
 from stepwise.distributed import Replica
+from stepwise.model_log import log_run_models
 from stepwise.signals import STOP
 from stepwise.trainer import NullProgress
 
@@ -44,6 +45,9 @@ def train(job, replica: Replica, tracker, resumed: dict[str, Any] | None = None
             trainer.progress.close()
             tracker.flush()
         trainer.save(trainer)
+        if replica.is_main:
+            log_run_models(job, Replica.unwrap(trainer.model), tracker,
+                           trainer.counters.global_step)
     if replica.is_main:
         log.info("done: %s", ", ".join(f"{k}={v:.6g}" for k, v in metrics.items()))
     return metrics

@@ -18,6 +18,7 @@ from stepwise.data import ArrayData, build_data
 from stepwise.dist_env import DistEnv
 from stepwise.errors import ConfigError
 from stepwise.items import ItemPlan, item_plan
+from stepwise.monitor import check_monitor
 from stepwise.plan import Plan, derive_accum, make_plan
 from stepwise.probe import check_context, check_model
 from stepwise.schedule import adapted_optimizer_args
@@ -189,6 +190,10 @@ def warn_unlikely(config: Config, plan: Plan) -> None:
                     "every weight by 1 - lr x weight_decay = %.4g, pulling the weights to 0 "
                     "whatever the loss", optim.weight_decay, "0.01 to 0.1" if adam else "1e-5 to 1e-3",
                     1 - plan.lr * optim.weight_decay)
+    monitor = config.trainer.monitor
+    if monitor is not None and "acc" in monitor and config.trainer.monitor_mode == "min":
+        log.warning("trainer.monitor=%s with trainer.monitor_mode=min: the lowest value is kept "
+                    "as the best; add trainer.monitor_mode=max if higher is better", monitor)
     if getattr(config.data, "num_classes", None) == 1 and \
             getattr(config.data, "task", "classification") == "classification":
         log.warning("data.num_classes=1: every label is that class, so the cross-entropy loss is "
@@ -298,6 +303,7 @@ def prepare(config: Config, run_dir: Path, start_dir: Path, env: DistEnv | None 
     data = build_data(dataclasses.asdict(config.data))
     check_model(config.model, data, _data_name(config.data))
     check_context(config.model, data)
+    check_monitor(config.trainer, data, config.metrics)
     images = len(data.input_shape or ()) == 3
     if config.trainer.channels_last and not images:
         raise ConfigError("trainer.channels_last", True, f"data={_data_name(config.data)} gives "

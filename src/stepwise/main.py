@@ -138,14 +138,17 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     if cfg.optimized_metric is None or metrics is None:
         return None
     try:
-        return objective(metrics, cfg.optimized_metric)
+        return objective(metrics, cfg.optimized_metric, cfg.trainer.monitor)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 
 
-def objective(metrics: dict[str, float], name: str) -> float:
-    """The value a sweeper optimises: the run's final `name` metric."""
+def objective(metrics: dict[str, float], name: str, monitor: str | None = None) -> float:
+    """The value a sweeper optimises: the run's final `name` metric, or, with `trainer.monitor`,
+    its value at the best evaluation (`best/<name>`: the evaluation best.pt holds)."""
+    if monitor is not None and f"best/{name}" in metrics:
+        name = f"best/{name}"
     if name not in metrics:
         raise ConfigError("optimized_metric", name, "the run logs no such final metric",
                           f"use one of {', '.join(sorted(metrics))}")

@@ -96,6 +96,7 @@ class SweepParent(Callback):
         self.run_id: str | None = None
         self.tracking_uri: str | None = None
         self.sweep_dir: str | None = None
+        self.direction: str | None = None  # the sweeper's (Optuna's), as min or max
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Hydra turns a callback's exception into a warning and sweeps on: a bad launcher
@@ -107,6 +108,7 @@ class SweepParent(Callback):
             sys.exit(2)
 
     def _open(self, config: DictConfig) -> None:
+        from stepwise.best_child import sweeper_direction
         from stepwise.tracking import MlflowTracker, default_tracking_uri
         from stepwise.tracking_auth import check_tracking
 
@@ -127,6 +129,7 @@ class SweepParent(Callback):
                             "sweep.launcher": OmegaConf.select(config, "hydra.launcher._target_")})
         tracker.close()  # sent before any job starts; the run stays RUNNING until the end
         self.run_id, self.tracking_uri, self.sweep_dir = tracker.run_id, uri, str(sweep_dir)
+        self.direction = sweeper_direction(OmegaConf.select(config, "hydra.sweeper.direction"))
         (sweep_dir / SWEEP_FILE).write_text(json.dumps({"run_id": self.run_id,
                                                         "tracking_uri": uri}))
         log.info("sweep parent run %s in %s", self.run_id, uri)
@@ -142,5 +145,5 @@ class SweepParent(Callback):
         run_id, self.run_id = self.run_id, None
         from stepwise.sweep_report import close_parent
 
-        status = close_parent(self.tracking_uri, run_id, Path(self.sweep_dir))
+        status = close_parent(self.tracking_uri, run_id, Path(self.sweep_dir), self.direction)
         log.info("sweep parent run %s: %s (summary in %s)", run_id, status, self.sweep_dir)

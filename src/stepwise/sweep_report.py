@@ -44,15 +44,19 @@ def summary_row(run) -> dict[str, Any]:
         row[key] = params.get(key)
     for key in ("val/loss", "val/accuracy", "train/loss"):
         row[key] = metrics.get(key)
+    row.update({key: value for key, value in metrics.items() if key.startswith("best/")})
     return row
 
 
-def write_csv(runs, path: Path) -> None:
+def write_csv(runs, path: Path, best_run_id: str | None = None) -> None:
+    """One row per child; with `trainer.monitor`, its best evaluation's `best/*` columns too,
+    and `best_child` marks the sweep's best run."""
+    best_keys = sorted({key for run in runs for key in run.data.metrics if key.startswith("best/")})
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=[*COLUMNS, *best_keys, "best_child"])
         writer.writeheader()
         for run in runs:
-            writer.writerow(summary_row(run))
+            writer.writerow({**summary_row(run), "best_child": run.info.run_id == best_run_id})
 
 
 def curve(client, run_id: str, key: str) -> tuple[list[float], list[float]]:
@@ -92,16 +96,20 @@ def plot(client, runs, path: Path) -> None:
     plt.close(fig)
 
 
-def close_parent(tracking_uri: str, parent_run_id: str, sweep_dir: Path) -> str:
-    """Write the summary and plot into `sweep_dir`, attach them to the parent run, and end it:
-    FINISHED when every child finished, FAILED otherwise. Returns the status."""
+def close_parent(tracking_uri: str, parent_run_id: str, sweep_dir: Path,
+                 direction: str | None = None) -> str:
+    """Write the summary and plot into `sweep_dir`, attach them to the parent run with its best
+    child (stepwise.best_child; `direction`: the sweeper's, min or max), and end it: FINISHED
+    when every child finished, FAILED otherwise. Returns the status."""
     from mlflow.tracking import MlflowClient
 
+    from stepwise.best_child import carry_best_child
     from stepwise.tracking import retrying
 
     client = MlflowClient(tracking_uri)
     runs = children(client, parent_run_id)
-    write_csv(runs, sweep_dir / CSV_NAME)
+    best = carry_best_child(client, parent_run_id, runs, direction) if runs else None
+    write_csv(runs, sweep_dir / CSV_NAME, best)
     plot(client, runs, sweep_dir / PNG_NAME)
     for name in (CSV_NAME, PNG_NAME):
         retrying(client.log_artifact, parent_run_id, str(sweep_dir / name))

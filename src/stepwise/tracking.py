@@ -119,6 +119,7 @@ class NullTracker:
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, Any]) -> None: ...
     def start_system_metrics(self, interval_s: float) -> None: ...
+    def log_model(self, module: Any, example: Any, **options: Any) -> str | None: ...
     def flush(self) -> None: ...
     def close(self, status: str | None = None) -> None: ...
     def finish(self, status: str) -> None: ...
@@ -246,6 +247,15 @@ class MlflowTracker:
             log.warning("MLflow: %s did not take everything within %.0f s (logger.flush_timeout_s);"
                         " the rest is kept in %s; send it with: python -m stepwise.replay %s",
                         self.tracking_uri, self.flush_timeout_s, spooled, spooled.parent)
+
+    def log_model(self, module: Any, example: Any, **options: Any) -> str:
+        """Log `module` as an MLflow PyTorch model of the run (stepwise.model_log.log_model takes
+        `options`); the metrics logged so far are sent first (within `flush_timeout_s`), to be
+        linked to it. Synchronous: it runs once training is over."""
+        from stepwise.model_log import log_model
+
+        self.sync()
+        return log_model(self.tracking_uri, self.run_id, module, example, **options)
 
     def finish(self, status: str) -> None:
         """Close the run as FINISHED, FAILED or KILLED."""

@@ -19,7 +19,9 @@ from stepwise.errors import EmptyWindow, NonFiniteLoss, PlanMismatch
 from stepwise.item_tally import ItemTally
 from stepwise.items import ItemPlan
 from stepwise.losses import masked_sum, mean_of, per_sample
+from stepwise.monitor import BestKeeper
 from stepwise.plan import Plan, Window
+from stepwise.plan_check import mismatches, planned_counts
 from stepwise.precision import Precision, inputs_memory_format
 from stepwise.signals import STOP, Stopped, StopSignals
 from stepwise.validation import evaluate
@@ -94,6 +96,7 @@ class Trainer:
         settings: the loop's `trainer.*` keys.
         precision: autocast and the fp16 GradScaler (`trainer.precision`).
         items: each window's loss items, when the data states them per sample (else counted).
+        best: `trainer.monitor`'s best checkpoint and early stopping (None: not monitored).
 
     Per micro-step the loop only runs forward and backward (and adds the loss to a device
     tensor); the host waits for the device only at logging points, checkpoints and the end,
@@ -104,7 +107,7 @@ class Trainer:
                  tracker, progress=None, settings: LoopSettings = LoopSettings(),
                  save: Callable[[Trainer], None] | None = None,
                  precision: Precision | None = None, stop_signals: StopSignals = STOP,
-                 items: ItemPlan | None = None) -> None:
+                 items: ItemPlan | None = None, best: BestKeeper | None = None) -> None:
         self.model, self.optimizer, self.scheduler = parts.model, parts.optimizer, parts.scheduler
         self.loss, self.metrics, self.plan, self.settings = parts.loss, parts.metrics, plan, settings
         self.item_mask = getattr(parts.loss, "item_mask", None)  # looked up once: per micro-step
@@ -123,14 +126,19 @@ class Trainer:
         self.last_lr = float("nan")  # the LR of the last optimizer step taken
         self.items = items
         self.tally = ItemTally(replica, parts.loss)  # the items of a loss that masks them
+        self.best = best
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
         """Train until the plan's total of optimizer steps; return the last validation metrics
-        and the executed `global_step`. Raises Stopped after a stop signal (checkpoint saved)."""
+        and the executed `global_step` (with `trainer.monitor`, also the best evaluation's as
+        `best/*`). Stops early when the monitor's patience runs out. Raises Stopped after a stop
+        signal (checkpoint saved)."""
         metrics: dict[str, float] = {}
+        # A run resumed from its early stop's checkpoint has nothing left to do.
+        epochs = self.counters.epoch if self.early_stopped else self.plan.epochs
         try:
-            for epoch in range(self.counters.epoch, self.plan.epochs):
+            for epoch in range(self.counters.epoch, epochs):
                 self.counters.epoch = epoch
                 for window, batches in self.windows(epoch):
                     stop = self.train_step(batches, window)
@@ -141,8 +149,12 @@ class Trainer:
                                                     (epoch + 1) % self.settings.val_every_n_epochs == 0):
                     metrics = self.evaluate()
                     self.tracker.log_metrics(metrics, step=self.counters.global_step)
+                    if self.best is not None:
+                        self.best.after_evaluation(self, metrics)
                 if self.counters.step_in_epoch == self.plan.optimizer_steps_per_epoch:
                     self.counters.epoch, self.counters.step_in_epoch = epoch + 1, 0
+                if self.early_stopped:
+                    break
         except Stopped:
             self.stop_vote.close()  # every rank has the same exchange in flight: finish it
             raise
@@ -151,7 +163,11 @@ class Trainer:
         self.check_against_plan()
         final = {"global_step": self.counters.global_step}
         self.tracker.log_metrics(final, step=self.counters.global_step)
-        return {**metrics, **final}
+        return {**metrics, **(self.best.monitor.best_record() if self.best else {}), **final}
+
+    @property
+    def early_stopped(self) -> bool:
+        return self.best is not None and self.best.stopped_at is not None
 
     def windows(self, epoch: int) -> Iterator[tuple[Window, list[Batch]]]:
         """The epoch's optimizer-step windows, each with its micro-batches on the device, from
@@ -334,24 +350,20 @@ class Trainer:
                         self.precision, self._on_device)
 
     def check_against_plan(self) -> None:
-        """Fail the run if the executed counts differ from the plan."""
+        """Fail the run if the executed counts differ from the plan: the whole plan, or, after an
+        early stop, the plan up to the step it stopped at (the end of an epoch)."""
         real = int(self.replica.sum(torch.tensor(self.real_samples, device=self.replica.device,
                                                  dtype=torch.float64)).item())
-        executed = {
-            "global_step": (self.counters.global_step, self.plan.total_optimizer_steps),
-            "micro_steps": (self.counters.micro_steps, self.plan.total_micro_steps),
-            "samples_seen": (self.counters.samples_seen, self.plan.total_samples),
-            "real samples processed": (real, self.plan.total_samples),
-        }
-        if self.items is not None and self.tally.active:
-            executed["items_seen"] = (self.counters.items_seen, self.items.total_items)
-        wrong = [f"{name}: executed {got}, planned {want}"
-                 for name, (got, want) in executed.items() if got != want]
-        if not math.isclose(self.last_lr, self.plan.final_lr, rel_tol=1e-9, abs_tol=1e-15):
-            wrong.append(f"final lr: executed {self.last_lr!r}, planned {self.plan.final_lr!r}")
+        steps = self.best.stopped_at if self.early_stopped else self.plan.total_optimizer_steps
+        items = self.items if self.items is not None and self.tally.active else None
+        planned = planned_counts(self.plan, items, steps)
+        executed = {**asdict(self.counters), "real samples processed": real,
+                    "final lr": self.last_lr}
+        wrong = mismatches(executed, planned)
+        cut = f" up to its early stop at global_step {steps}" if self.early_stopped else ""
         if wrong:
-            raise PlanMismatch("the run did not execute its plan: " + "; ".join(wrong))
-        log.info("executed as planned: %d optimizer steps, %d micro-steps, %d samples",
+            raise PlanMismatch(f"the run did not execute its plan{cut}: " + "; ".join(wrong))
+        log.info("executed as planned%s: %d optimizer steps, %d micro-steps, %d samples", cut,
                  self.counters.global_step, self.counters.micro_steps, self.counters.samples_seen)
 
     # -- state for checkpoints ------------------------------------------------------------------
@@ -372,6 +384,7 @@ class Trainer:
             "world_size": self.replica.world_size,
             "last_lr": self.last_lr,
             "precision": self.precision.state_dict(),
+            "monitor": self.best.monitor.state_dict() if self.best else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -389,6 +402,9 @@ class Trainer:
             self.counters.micro_steps = self.plan.micro_steps_after(self.counters.global_step)
         self.real_samples = real if self.replica.is_main else 0
         self.last_lr = state["last_lr"]
+        if self.best is not None and not self.best.monitor.load_state_dict(state.get("monitor")):
+            log.info("the checkpoint has no state for trainer.monitor=%s: its best starts afresh",
+                     self.best.monitor.name)
         if state.get("world_size") == self.replica.world_size:
             rng = state["rng"][self.replica.rank]
             torch.set_rng_state(rng["cpu"])
