@@ -211,6 +211,13 @@ class StepLog:
                                    metrics["train/samples_per_s"], seconds / steps))
         return metrics
 
+    def salvage(self, counters) -> None:
+        """After a failure, send the logged steps not read yet, if that needs no other rank (in
+        DDP the ranks are not at the same point any more: no collective is safe)."""
+        if self.replica.mode != "ddp":
+            with contextlib.suppress(Exception):
+                self.read(counters)
+
     @contextlib.contextmanager
     def paused(self):
         """Leave what happens inside (an evaluation, a checkpoint) out of the step time."""

@@ -148,6 +148,9 @@ class Trainer:
         except Stopped:
             self.stop_vote.close()  # every rank has the same exchange in flight: finish it
             raise
+        except Exception:
+            self.step_log.salvage(self.counters)  # the logged steps before a crash
+            raise
         self.stop_vote.close()
         self.check_losses()
         self.check_against_plan()
