@@ -241,7 +241,8 @@ class TrainerConfig:
     channels_last: bool = False
     compile: bool = False
     grad_clip_norm: float | None = None
-    log_every_n_steps: int = 50
+    log_every_n_steps: int | None = None
+    flush_every_n_steps: int = 50
     val_every_n_epochs: int = 1
     progress_bar: bool = True
     checkpoint_every_n_steps: int = 100

@@ -32,13 +32,14 @@ class ItemTally:
         self.pending.append((step, local, planned))
         return planned if planned is not None else self.replica.sum(local).clamp_min(1)
 
-    def settle(self, counters, plan) -> None:
+    def settle(self, counters, plan) -> dict[int, int]:
         """Sum the pending steps' counts over ranks (one all-reduce); add them to `items_seen`,
-        or check them against the data's."""
+        or check them against the data's. Returns `items_seen` after each counted step."""
         if not self.pending:
-            return
+            return {}
         steps, counted, planned = zip(*self.pending)
         self.pending = []
+        seen = {}
         for step, got, want in zip(steps, self.replica.sum(torch.stack(counted)).tolist(), planned):
             if want is not None and int(got) != want:
                 raise PlanMismatch(f"optimizer step {step}: the loss's item_mask counted {int(got)} "
@@ -50,3 +51,5 @@ class ItemTally:
                                   f"padding ({self.loss!r})")
             if want is None:
                 counters.items_seen += int(got)
+                seen[step] = counters.items_seen
+        return seen

@@ -85,9 +85,11 @@ def validate(config: Config) -> None:
         raise ConfigError("trainer.keep_checkpoints", trainer.keep_checkpoints, "must be >= 1",
                           "keep at least one, e.g. trainer.keep_checkpoints=2")
     for key, value in (("trainer.log_every_n_steps", trainer.log_every_n_steps),
+                       ("trainer.flush_every_n_steps", trainer.flush_every_n_steps),
                        ("trainer.val_every_n_epochs", trainer.val_every_n_epochs)):
-        if value < 1:
-            raise ConfigError(key, value, "must be at least 1", f"set {key}=1 or more")
+        if value is not None and value < 1:
+            auto = ", or null for 100 points a run" if key.endswith("log_every_n_steps") else ""
+            raise ConfigError(key, value, "must be at least 1", f"set {key}=1 or more{auto}")
     if trainer.grad_clip_norm is not None and not trainer.grad_clip_norm > 0:
         raise ConfigError("trainer.grad_clip_norm", trainer.grad_clip_norm, "must be positive",
                           "set a positive max norm, or null for no clipping")

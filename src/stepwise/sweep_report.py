@@ -76,7 +76,8 @@ def distinct_overrides(runs) -> list[str]:
 
 
 def plot(client, runs, path: Path) -> None:
-    """One panel per loss, one line per child (labelled with its overrides)."""
+    """One panel per loss against samples seen, one line per child (labelled with its
+    overrides) through every logged point; validation points are marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,7 +88,8 @@ def plot(client, runs, path: Path) -> None:
     for axis, key in zip(axes, CURVES):
         for run, label in zip(runs, labels):
             xs, ys = curve(client, run.info.run_id, key)
-            axis.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
+            marked = key.startswith("val/") or len(xs) < 30
+            axis.plot(xs, ys, marker="o" if marked else None, markersize=4, label=label)
         axis.set(title=key, xlabel="samples seen", ylabel=key)
         axis.grid(alpha=0.3)
     if runs:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
@@ -15,7 +14,7 @@ from torch import nn
 
 from stepwise.batches import call_model, to_device
 from stepwise.distributed import Replica
-from stepwise.errors import EmptyWindow, NonFiniteLoss, PlanMismatch
+from stepwise.errors import EmptyWindow, PlanMismatch
 from stepwise.item_tally import ItemTally
 from stepwise.items import ItemPlan
 from stepwise.losses import masked_sum, mean_of, per_sample
@@ -24,6 +23,7 @@ from stepwise.plan import Plan, Window
 from stepwise.plan_check import mismatches, planned_counts
 from stepwise.precision import Precision, inputs_memory_format
 from stepwise.signals import STOP, Stopped, StopSignals
+from stepwise.step_log import StepLog
 from stepwise.validation import evaluate
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,8 @@ class LoopSettings:
     """The `trainer.*` keys the loop itself reads."""
 
     grad_clip_norm: float | None = None
-    log_every_n_steps: int = 1
+    log_every_n_steps: int | None = None  # None: enough for 100 points (stepwise/step_log.py)
+    flush_every_n_steps: int = 50
     val_every_n_epochs: int = 1
     on_nonfinite: str = "stop"
     checkpoint_every_n_steps: int = 0
@@ -120,13 +121,13 @@ class Trainer:
         self.precision = precision or Precision("32", replica.device)
         self.copy_to = replica.device if replica.device.type != "cpu" else None  # batches' device
         self.stop_vote = replica.lagged_max()  # a signal on any rank stops all, one step later
-        self.unchecked: list[tuple[int, torch.Tensor]] = []  # (step, loss shares) unchecked
         self.counters = Counters()
         self.real_samples = 0  # this process's real samples, summed over ranks at the end
         self.last_lr = float("nan")  # the LR of the last optimizer step taken
         self.items = items
         self.tally = ItemTally(replica, parts.loss)  # the items of a loss that masks them
         self.best = best
+        self.step_log = StepLog(plan, replica, tracker, self.tally, settings)
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
@@ -137,6 +138,7 @@ class Trainer:
         metrics: dict[str, float] = {}
         # A run resumed from its early stop's checkpoint has nothing left to do.
         epochs = self.counters.epoch if self.early_stopped else self.plan.epochs
+        self.step_log.start(self.counters)
         try:
             for epoch in range(self.counters.epoch, epochs):
                 self.counters.epoch = epoch
@@ -147,8 +149,7 @@ class Trainer:
                 last = epoch == self.plan.epochs - 1
                 if self.val_loader is not None and (last or
                                                     (epoch + 1) % self.settings.val_every_n_epochs == 0):
-                    metrics = self.evaluate()
-                    self.tracker.log_metrics(metrics, step=self.counters.global_step)
+                    metrics = self._evaluate_and_log()
                     if self.best is not None:
                         self.best.after_evaluation(self, metrics)
                 if self.counters.step_in_epoch == self.plan.optimizer_steps_per_epoch:
@@ -157,6 +158,9 @@ class Trainer:
                     break
         except Stopped:
             self.stop_vote.close()  # every rank has the same exchange in flight: finish it
+            raise
+        except Exception:
+            self.step_log.salvage(self.counters)  # the logged steps before a crash
             raise
         self.stop_vote.close()
         self.check_losses()
@@ -203,15 +207,17 @@ class Trainer:
         step = self.counters.global_step + 1
         if window.items is not None:
             self.counters.items_seen += window.items
+        norm = skipped = None
         if self.settings.on_nonfinite == "skip" and self._any_rank_nonfinite(shares):
             self._skip(step, "non-finite loss")
+            skipped = shares
         else:
-            self.unchecked.append((step, shares))
+            self.step_log.unchecked.append((step, shares))
             self.precision.unscale_(self.optimizer)
-            if self.settings.grad_clip_norm is not None:
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip_norm)
+            norm = self._grad_norm(step)
             if not self.precision.step(self.optimizer):
                 self._skip(step, "float16 gradients overflowed (the GradScaler lowered its scale)")
+                norm = None
         lr = self.last_lr = self.scheduler.get_last_lr()[0]
         if self.plan.schedule.constant:
             pass  # its factor is 1 at every step: stepping it would change nothing
@@ -227,8 +233,21 @@ class Trainer:
         self.counters.micro_steps += len(batches)
         self.counters.samples_seen += window.samples
         stop = self.stop_vote.exchange(self.stop_signals.signum)
-        self._log_step(shares, lr, force=bool(stop))  # a stopped run shows its last step
+        self.progress.update(1)
+        # a stopped run shows its last step; the losses stay on the device until a read is due
+        if self.step_log.record(step, self.counters, lr, norm, skipped, force=bool(stop)):
+            self.check_losses()
         return stop
+
+    def _grad_norm(self, step: int) -> torch.Tensor | None:
+        """The total norm of the gradient about to be applied (after accumulation, the DDP
+        all-reduce and unscaling), clipped to `grad_clip_norm` if set: a device tensor, computed
+        only at logged steps when there is no clipping."""
+        if self.settings.grad_clip_norm is not None:
+            return nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip_norm)
+        if self.replica.is_main and self.step_log.logs(step):
+            return nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        return None
 
     def _accumulate(self, batches: list[Batch], window: Window) -> torch.Tensor:
         """Forward/backward every micro-step; DDP all-reduces on the last one only.
@@ -280,22 +299,13 @@ class Trainer:
         log.warning("%s at optimizer step %d: step skipped (%d so far)", why, step,
                     self.counters.skipped_steps)
 
-    def check_losses(self) -> float:
-        """Check the losses of the steps since the last check (one sync, and one all-reduce in
-        DDP, at the same step on every rank); raise NonFiniteLoss naming the first bad step under
-        `on_nonfinite=stop`. Returns the last window's mean loss over all ranks (nan: none)."""
-        self.tally.settle(self.counters, self.plan)
-        if not self.unchecked:
-            return float("nan")
-        steps, losses = zip(*self.unchecked)
-        self.unchecked = []
-        sums = self.replica.sum(torch.stack(losses).double()).tolist()
-        bad = [step for step, value in zip(steps, sums) if not math.isfinite(value)]
-        if bad and self.settings.on_nonfinite == "stop":
-            raise NonFiniteLoss(f"non-finite loss at optimizer step {bad[0]} (samples "
-                                f"{self.plan.samples_after(bad[0] - 1)}..); "
-                                "trainer.on_nonfinite=skip would drop such steps instead")
-        return sums[-1] / self.replica.loss_multiplier
+    def check_losses(self) -> None:
+        """Read the device (stepwise/step_log.py): check the losses of the steps since the last
+        read (one sync, and one all-reduce in DDP, at the same step on every rank) and send the
+        logged steps' metrics; raise NonFiniteLoss under `on_nonfinite=stop`."""
+        loss = self.step_log.read(self.counters)
+        if loss is not None:
+            self.progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
     def _after_step(self, stop: int) -> None:
         """Checkpoint when due or when asked to stop; then honour the stop."""
@@ -303,27 +313,10 @@ class Trainer:
         if stop or (every and self.counters.global_step % every == 0
                     and self.counters.global_step < self.plan.total_optimizer_steps):
             self.check_losses()  # never checkpoint weights that a non-finite step has spoilt
-            self.save(self)
+            with self.step_log.paused():
+                self.save(self)
         if stop:
             raise Stopped(stop, checkpointed=True)
-
-    def _log_step(self, shares: torch.Tensor, lr: float, force: bool = False) -> None:
-        step = self.counters.global_step
-        self.progress.update(1)
-        if step % self.settings.log_every_n_steps and step != self.plan.total_optimizer_steps and not force:
-            return
-        if self.unchecked and self.unchecked[-1][0] == step:
-            loss = self.check_losses()
-        else:  # this step was skipped: its loss was summed over ranks to decide that
-            self.check_losses()
-            loss = self.replica.sum(shares).item() / self.replica.loss_multiplier
-        self.progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
-        metrics = {"train/loss": loss, "train/lr": lr, "train/samples_seen": self.counters.samples_seen}
-        if self.tally.active:
-            metrics["train/items_seen"] = self.counters.items_seen
-        if self.counters.skipped_steps:
-            metrics["train/skipped_steps"] = self.counters.skipped_steps
-        self.tracker.log_metrics(metrics, step=step)
 
     def _to_device(self, batch: tuple[Any, torch.Tensor], micro_step: int) -> Batch:
         inputs, target = batch
@@ -348,6 +341,16 @@ class Trainer:
         """Exact validation metrics over this process's shard (stepwise/validation.py)."""
         return evaluate(self.model, self.val_loader, self.loss, self.metrics, self.replica,
                         self.precision, self._on_device)
+
+    def _evaluate_and_log(self) -> dict[str, float]:
+        """Evaluate after reading the steps before (timed without it), and log the metrics
+        with `train/samples_seen` and `epoch` (epochs done) at the same step."""
+        self.check_losses()
+        with self.step_log.paused():
+            metrics = self.evaluate()
+        done = self.counters.epoch + self.counters.step_in_epoch / self.plan.optimizer_steps_per_epoch
+        self.step_log.evaluation(metrics, self.counters, done)
+        return metrics
 
     def check_against_plan(self) -> None:
         """Fail the run if the executed counts differ from the plan: the whole plan, or, after an

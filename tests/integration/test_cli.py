@@ -49,12 +49,14 @@ def test_default_job_trains_and_logs_the_run(workdir):
     assert params["trainer.max_epochs"] == "10" and params["model.hidden_sizes"] == "[128, 128]"
     metrics = run.data.metrics
     assert metrics["global_step"] == 450 and metrics["val/accuracy"] > 0.9
-    # trainer.log_every_n_steps=50 by default, and the last step
+    # trainer.log_every_n_steps=null by default: every 450 // 100 = 4 steps, and the last step
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
-    assert steps == list(range(50, 451, 50))
+    assert steps == [*range(4, 450, 4), 450]
     seen = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/samples_seen")}
-    assert seen[50] == 1438 + 5 * 32 and seen[450] == 14380
-    assert len(client.get_metric_history(run.info.run_id, "val/loss")) == 10
+    assert seen[48] == 1438 + 3 * 32 and seen[450] == 14380
+    val = client.get_metric_history(run.info.run_id, "val/loss")
+    assert [seen[m.step] for m in val] == [1438 * epoch for epoch in range(1, 11)]
+    assert "step 450/450 (100%) loss " in proc.stdout  # stdout is not a terminal here
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "plan.json"} <= artifacts
     [run_dir] = _run_dirs(workdir)

@@ -122,8 +122,9 @@ def _count_rounds(rank: int, port: int, tmp: str, stated: bool, queue) -> None:
 @pytest.mark.parametrize("stated", [True, False])
 def test_an_optimizer_step_costs_the_gradient_round_and_at_most_one_count(tmp_path, stated,
                                                                           monkeypatch):
-    """Stated counts (tinytext's lengths): no count is sent during training, one check at the
-    end. Counted (sequences without lengths): one small all-reduce per step, and the check."""
+    """Stated counts (tinytext's lengths): no count is sent during training, one check at each
+    read of the device (before the first epoch's evaluation, and at the last step). Counted
+    (sequences without lengths): one small all-reduce per step, and those checks."""
     import socket
     import sys
 
@@ -136,6 +137,6 @@ def test_an_optimizer_step_costs_the_gradient_round_and_at_most_one_count(tmp_pa
         port = s.getsockname()[1]
     results = run_two_ranks(_count_rounds, port, str(tmp_path), stated)
     steps = results[0][3]
-    counts = 1 if stated else steps + 1
+    counts = 2 if stated else steps + 1  # stated: 2 epochs (2 reads); counted: 1 epoch
     # The model's gradients fit in one DDP bucket: one hook call is one all-reduce round.
     assert results == [(0, steps, counts, steps), (1, steps, counts, steps)] and steps > 3
