@@ -114,7 +114,8 @@ def build_trainer(job: Any, replica: Any, tracker: Any):
     from stepwise.checkpoint import checkpoint_saver
     from stepwise.loaders import make_loaders
     from stepwise.precision import Precision, compile_model, param_dtype, set_tf32, to_memory_format
-    from stepwise.trainer import LoopSettings, NullProgress, Parts, Trainer
+    from stepwise.trainer import Trainer
+    from stepwise.trainer_parts import LoopSettings, NullProgress, Parts
 
     cfg, plan, trainer_cfg = job.config, job.plan, job.config.trainer
     dtype = param_dtype(trainer_cfg.precision)

@@ -9,7 +9,7 @@ from stepwise.build import build_trainer
 from stepwise.distributed import Replica
 from stepwise.model_log import log_run_models
 from stepwise.signals import STOP
-from stepwise.trainer import NullProgress
+from stepwise.trainer_parts import NullProgress
 
 log = logging.getLogger("stepwise.runner")
 

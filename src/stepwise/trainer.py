@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -24,62 +24,12 @@ from stepwise.plan_check import mismatches, planned_counts
 from stepwise.precision import Precision, inputs_memory_format
 from stepwise.signals import STOP, Stopped, StopSignals
 from stepwise.step_log import StepLog
+from stepwise.trainer_parts import Counters, LoopSettings, NullProgress, Parts
 from stepwise.validation import evaluate
 
 log = logging.getLogger(__name__)
 
 Batch = tuple[Any, torch.Tensor, int]  # inputs, target, real samples (the rest is padding)
-
-
-@dataclass
-class Counters:
-    """What has been executed. `global_step` counts optimizer-step windows, skipped ones included
-    (`skipped_steps`), so that the schedule stays aligned with the samples seen."""
-
-    global_step: int = 0
-    micro_steps: int = 0
-    samples_seen: int = 0
-    epoch: int = 0
-    step_in_epoch: int = 0
-    skipped_steps: int = 0
-    items_seen: int = 0  # loss items (e.g. target tokens), when they are not the samples
-
-
-@dataclass
-class Parts:
-    """What the loop trains and measures with (stepwise/build.py builds them from the config)."""
-
-    model: nn.Module  # wrapped for the parallel mode (single, DataParallel or DDP)
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler  # stepped once per optimizer step
-    loss: Callable  # per-item values (stepwise/losses.py); the loop reduces them
-    # torchmetrics, logged as val/<name>; None: val/accuracy counted by the loop (classification)
-    metrics: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True)
-class LoopSettings:
-    """The `trainer.*` keys the loop itself reads."""
-
-    grad_clip_norm: float | None = None
-    log_every_n_steps: int | None = None  # None: enough for 100 points (stepwise/step_log.py)
-    flush_every_n_steps: int = 50
-    val_every_n_epochs: int = 1
-    on_nonfinite: str = "stop"
-    checkpoint_every_n_steps: int = 0
-    channels_last: bool = False
-
-    @classmethod
-    def of(cls, trainer_cfg: Any) -> LoopSettings:
-        return cls(**{f.name: getattr(trainer_cfg, f.name) for f in fields(cls)})
-
-
-class NullProgress:
-    """A progress bar that shows nothing: ranks other than 0, `trainer.progress_bar=false`."""
-
-    def update(self, n: int) -> None: ...
-    def set_postfix(self, **kwargs: Any) -> None: ...
-    def close(self) -> None: ...
 
 
 class Trainer:
@@ -105,11 +55,12 @@ class Trainer:
     """
 
     def __init__(self, parts: Parts, plan: Plan, *, train_loader, val_loader, replica: Replica,
-                 tracker, progress=None, settings: LoopSettings = LoopSettings(),
+                 tracker, progress=None, settings: LoopSettings | None = None,
                  save: Callable[[Trainer], None] | None = None,
                  precision: Precision | None = None, stop_signals: StopSignals = STOP,
                  items: ItemPlan | None = None, best: BestKeeper | None = None) -> None:
         self.model, self.optimizer, self.scheduler = parts.model, parts.optimizer, parts.scheduler
+        settings = settings or LoopSettings()
         self.loss, self.metrics, self.plan, self.settings = parts.loss, parts.metrics, plan, settings
         self.item_mask = getattr(parts.loss, "item_mask", None)  # looked up once: per micro-step
         self.mean_loss = mean_of(parts.loss)

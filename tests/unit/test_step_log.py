@@ -13,7 +13,7 @@ from stepwise.item_tally import ItemTally
 from stepwise.plan import make_plan
 from stepwise.step_log import StepLog, log_interval, peak_memory, progress_line
 from stepwise.tracking import NullTracker
-from stepwise.trainer import Counters, LoopSettings
+from stepwise.trainer_parts import Counters, LoopSettings
 
 CPU = Replica("single", 0, 1, torch.device("cpu"))
 
