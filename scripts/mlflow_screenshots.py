@@ -207,6 +207,7 @@ def set_x_axis(page, chart: str, metric: str) -> None:
     dialog = page.get_by_role("dialog")
     dialog.locator('input[name="runs-charts-field-group-x-axis"][value="metric"]').check()
     dialog.get_by_role("combobox").first.click()
+    page.keyboard.type(metric)  # the list is virtual: with many metrics, the option must be searched
     page.locator(f'.du-bois-light-select-item-option[title="{metric}"]').click()
     dialog.get_by_role("button", name="Save changes").click()
     dialog.wait_for(state="hidden")
