@@ -2,7 +2,8 @@
 and the newest readable one found after a crash (a damaged file is skipped with a warning).
 
 Layout: `checkpoints/step-00000042.pt` per save, and `checkpoints/last.pt`, a hard link to the
-newest, which is what DESIGN section 2 promises.
+newest, which is what DESIGN section 2 promises. Under FSDP, each step file has a directory of
+shards beside it, `step-00000042.dcp/` (stepwise.sharded).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from stepwise.sharded import remove_shards, shard_dir_problem, write_shards
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,7 @@ def publish(directory: Path, payload: dict[str, Any], keep: int) -> Path:
     os.replace(tmp_link, directory / "last.pt")
     for old in step_files(directory)[keep:]:
         old.unlink(missing_ok=True)
+        remove_shards(old)
     return path
 
 
@@ -96,6 +100,8 @@ def read_valid(path: Path) -> dict[str, Any]:
     if missing:
         raise CheckpointError(path, f"a torch file but not a stepwise checkpoint (missing "
                                     f"{', '.join(missing)})")
+    if payload.get("sharded") and (problem := shard_dir_problem(path.parent / payload["sharded"])):
+        raise CheckpointError(path, problem)
     return payload
 
 
@@ -168,6 +174,7 @@ def checkpoint_saver(job, tracker) -> Callable:
 
     def save(trainer) -> None:
         state = trainer.state_dict()
+        write_shards(trainer, job.run_dir / "checkpoints", state)  # FSDP: every rank's shards
         if not trainer.replica.is_main:
             return
         tracker.flush()
