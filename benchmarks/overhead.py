@@ -189,7 +189,7 @@ def run_handwritten(job: Job, replica: Replica, steps: int) -> float:
 def barrier(replica: Replica) -> None:
     if replica.device.type == "cuda":
         torch.cuda.synchronize(replica.device)
-    if replica.mode == "ddp":
+    if replica.distributed:  # ddp, fsdp (benchmarks/fsdp.py)
         torch.distributed.barrier()
 
 

@@ -70,11 +70,10 @@ def validate(config: Config) -> None:
     trainer = config.trainer
     _one_of("trainer.device", trainer.device, DEVICES)
     _one_of("trainer.precision", trainer.precision, PRECISIONS)
-    if config.parallel.mode == "fsdp" and trainer.precision == "16-mixed":
-        raise ConfigError("trainer.precision", "16-mixed", "parallel=fsdp has no float16 loss "
-                          "scaling (torch.amp's GradScaler looks for overflow in each rank's own "
-                          "shards, so the ranks could disagree on skipping a step)",
-                          "use trainer.precision=bf16 (or 32)")
+    if config.parallel.mode == "fsdp":
+        from stepwise.sharded import check_config
+
+        check_config(config)
     _one_of("logger.backend", config.logger.backend, LOGGER_BACKENDS)
     _one_of("trainer.on_nonfinite", trainer.on_nonfinite, NONFINITE_POLICIES)
     if config.logger.backend == "mlflow" and config.logger.tracking_uri:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,22 @@ if TYPE_CHECKING:  # torch is imported where it is used: checkpoint.py's imports
     from torch import nn
 
 SHARD_DIR = "step-{step:08d}.dcp"
+FSDP2_TORCH = (2, 6)  # torch.distributed.fsdp.fully_shard and MixedPrecisionPolicy
+
+
+def check_config(config) -> None:
+    """What parallel=fsdp cannot run, found before any work (no torch import)."""
+    from importlib.metadata import version
+
+    installed = version("torch")
+    if tuple(int(n) for n in re.findall(r"\d+", installed)[:2]) < FSDP2_TORCH:
+        raise ConfigError("parallel", "fsdp", f"needs torch >= 2.6 (FSDP2's fully_shard), and "
+                          f"this is torch {installed}", "upgrade torch, or use parallel=ddp")
+    if config.trainer.precision == "16-mixed":
+        raise ConfigError("trainer.precision", "16-mixed", "parallel=fsdp has no float16 loss "
+                          "scaling (torch.amp's GradScaler looks for overflow in each rank's own "
+                          "shards, so the ranks could disagree on skipping a step)",
+                          "use trainer.precision=bf16 (or 32)")
 
 
 # -- sharding the model ---------------------------------------------------------------------

@@ -84,14 +84,14 @@ def test_sigkill_then_resume_is_bitwise_identical(runs):
     assert all(torch.equal(resumed[key], reference[key]) for key in reference)
 
 
-@pytest.mark.parametrize("source,target", [
-    ("fsdp", SINGLE),  # the shards, read whole by one process
-    ("fsdp", ("parallel=ddp", "parallel.nproc=2", "data.batch_size=8")),
-    ("single", FSDP),  # a checkpoint of whole tensors, sharded on load
+@pytest.mark.parametrize("source,mode,target", [
+    ("fsdp", "single", SINGLE),  # the shards, read whole by one process
+    ("fsdp", "ddp", ("parallel=ddp", "parallel.nproc=2", "data.batch_size=8")),
+    ("single", "fsdp", FSDP),  # a checkpoint of whole tensors, sharded on load
 ])
-def test_a_checkpoint_resumes_in_another_mode(runs, source, target):
+def test_a_checkpoint_resumes_in_another_mode(runs, source, mode, target):
     checkpoint = runs / "outputs" / source / "checkpoints" / "step-00000028.pt"
-    run_dir = runs / "outputs" / f"{source}_as_{target[0]}"
+    run_dir = runs / "outputs" / f"{source}_as_{mode}"
     proc = run_cli(*JOB, *target, f"trainer.resume={checkpoint}", f"hydra.run.dir={run_dir}",
                    cwd=runs, check=True, env=ENV)
     assert f"resumed from {checkpoint} at global_step 28" in proc.stdout + proc.stderr
