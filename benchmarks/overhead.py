@@ -6,6 +6,7 @@
 W1: MLP 64-512-512-10 on digits, b=32.            W2: the same with accum=8.
 W3: CNN (32, 64) on synthetic 3x32x32, b=64, accum=4.
 W4: DDP, 2 gloo processes, MLP 64-2048-2048-10 on synthetic 64 features, b=16, accum=8.
+W7: W4 under FSDP2 (each Linear and the root `fully_shard`ed; benchmarks/fsdp.py runs it).
 W5: tiny_lm (2 layers, width 64) on tinytext (padded sequences of 8-256 characters, the loss
     per token), b=16, accum=2.   W6: the same in DDP, 2 gloo processes, b=8, accum=2.
 R18: torchvision's ResNet-18 on synthetic 3x32x32, b=256 (for GPUs).
@@ -15,7 +16,7 @@ the same number of optimizer steps. stepwise runs as `python train.py` would, mi
 `build_trainer` + `Trainer.fit`, with MLflow logging to a sqlite store (default
 `trainer.log_every_n_steps`) and its plan check at the end. The hand-written loop is the lean
 one a PyTorch user writes: a permutation per epoch (stepwise's, so that the trajectories
-are the same), slicing, mean loss / accum, `no_sync` in DDP,
+are the same), slicing, mean loss / accum, `no_sync` in DDP (`set_requires_gradient_sync` in FSDP),
 no logging; it applies the same --precision (autocast), --channels-last and --compile. Each
 repeat times one of each, in alternating order; prints samples/s (median,
 min-max) and the ratio stepwise / hand-written.
@@ -48,7 +49,7 @@ from stepwise.sampler import epoch_permutation
 COMMON = ["trainer.progress_bar=false", "trainer.checkpoint_every_n_steps=0", "data.drop_last=true",
           "trainer.max_epochs=-1"]
 TOKENS = ["data=tinytext", "model=tiny_lm", "loss=cross_entropy", "metrics=none", "data.val=null"]
-DDP_WORKLOADS = ("W4", "W6")
+DDP_WORKLOADS = ("W4", "W6", "W7")  # 2 processes
 WORKLOADS = {
     "W1": ("MLP 64-512-512-10, digits, b=32", ["data.val_fraction=0", "model.hidden_sizes=[512,512]",
                                               "data.batch_size=32"]),
@@ -59,6 +60,10 @@ WORKLOADS = {
             "data.val_samples=0", "model=cnn", "data.batch_size=64", "accum=4"]),
     "W4": ("DDP gloo W=2, MLP 64-2048-2048-10, synthetic, b=16, accum=8",
            ["parallel=ddp", "parallel.nproc=2", "data=synthetic", "data.num_features=64",
+            "data.train_samples=16384", "data.val_samples=0", "model.hidden_sizes=[2048,2048]",
+            "data.batch_size=16", "accum=8"]),
+    "W7": ("FSDP gloo W=2, MLP 64-2048-2048-10, synthetic, b=16, accum=8",
+           ["parallel=fsdp", "parallel.nproc=2", "data=synthetic", "data.num_features=64",
             "data.train_samples=16384", "data.val_samples=0", "model.hidden_sizes=[2048,2048]",
             "data.batch_size=16", "accum=8"]),
     "W5": ("tiny_lm on tinytext, per-token loss, b=16, accum=2", [*TOKENS, "data.batch_size=16",
@@ -73,7 +78,7 @@ WORKLOADS = {
 # Seconds per measurement by default: W3 and W4 take about 100 ms per optimizer step, and their
 # measurements must hold enough steps that run-to-run noise and the end of fit (a final
 # all-reduce or two, the MLflow flush: about 10-50 ms once per run) do not dominate.
-SECONDS = {"W3": 5.0, "W4": 5.0, "W5": 5.0, "W6": 5.0}
+SECONDS = {"W3": 5.0, "W4": 5.0, "W5": 5.0, "W6": 5.0, "W7": 5.0}
 
 
 def compose(overrides: list[str]):
@@ -165,8 +170,7 @@ def run_handwritten(job: Job, replica: Replica, steps: int) -> float:
                     yb = yb.pin_memory().to(replica.device, non_blocking=True)
                 if fast.channels_last:
                     xb = xb.contiguous(memory_format=torch.channels_last)
-                sync = j == accum - 1 or replica.mode != "ddp"
-                with contextlib.nullcontext() if sync else model.no_sync():
+                with gradient_sync(model, replica, sync=j == accum - 1):
                     with autocast:
                         loss = F.cross_entropy(model(xb), yb) / accum
                     (scaler.scale(loss) if scaler else loss).backward()
@@ -186,10 +190,20 @@ def run_handwritten(job: Job, replica: Replica, steps: int) -> float:
     return time.perf_counter() - start
 
 
+def gradient_sync(model, replica: Replica, sync: bool):
+    """The hand-written no_sync: DDP's context manager, FSDP2's switch, nothing in one process
+    (the wrapping itself is `Replica.wrap`'s: DDP, or `fully_shard` per Linear and the root)."""
+    if replica.mode == "fsdp":
+        model.set_requires_gradient_sync(sync)
+    elif replica.mode == "ddp" and not sync:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
 def barrier(replica: Replica) -> None:
     if replica.device.type == "cuda":
         torch.cuda.synchronize(replica.device)
-    if replica.mode == "ddp":
+    if replica.distributed:  # ddp, fsdp (benchmarks/fsdp.py)
         torch.distributed.barrier()
 
 
@@ -264,7 +278,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
     device = (torch.cuda.get_device_name() if args.device == "cuda"
-              else f"{torch.get_num_threads()} intra-op threads (W4, W6: 1 per process)")
+              else f"{torch.get_num_threads()} intra-op threads (W4, W6, W7: 1 per process)")
     print(f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
           f"torch {torch.__version__}, {device}; precision {args.precision}, channels_last "
           f"{args.channels_last}, compile {args.compile}")

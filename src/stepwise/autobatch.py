@@ -92,7 +92,7 @@ def fit_batch_size(job: Job, device: torch.device, replica=None) -> Job:
         return job
     sizes = halvings(job.plan.effective_batch_size, job.plan.world_size)
     size, failed = largest_fitting(sizes, lambda b: one_step_fits(job, device, b))
-    if replica is not None and replica.mode == "ddp":
+    if replica is not None and replica.distributed:
         import torch.distributed as dist
 
         agreed = torch.tensor([size], dtype=torch.float64, device=replica.device)

@@ -122,7 +122,7 @@ def build_trainer(job: Any, replica: Any, tracker: Any):
     set_tf32(trainer_cfg.tf32, replica.device)
     torch.manual_seed(cfg.seed)
     model = to_memory_format(build_model(cfg, job.data).to(dtype), trainer_cfg.channels_last)
-    wrapped = compile_model(replica.wrap(model), trainer_cfg.compile)
+    wrapped = compile_model(replica.wrap(model, trainer_cfg.precision), trainer_cfg.compile)
     optimizer = build_optimizer(cfg, plan, wrapped.parameters())
     metrics = build_metrics(cfg, job.data)
     if metrics is not None:

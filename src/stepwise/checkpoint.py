@@ -2,7 +2,8 @@
 and the newest readable one found after a crash (a damaged file is skipped with a warning).
 
 Layout: `checkpoints/step-00000042.pt` per save, and `checkpoints/last.pt`, a hard link to the
-newest, which is what DESIGN section 2 promises.
+newest, which is what DESIGN section 2 promises. Under FSDP, each step file has a directory of
+shards beside it, `step-00000042.dcp/` (stepwise.sharded).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from stepwise.sharded import remove_shards, shard_dir_problem, write_shards
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,7 @@ def publish(directory: Path, payload: dict[str, Any], keep: int) -> Path:
     os.replace(tmp_link, directory / "last.pt")
     for old in step_files(directory)[keep:]:
         old.unlink(missing_ok=True)
+        remove_shards(old)
     return path
 
 
@@ -96,6 +100,8 @@ def read_valid(path: Path) -> dict[str, Any]:
     if missing:
         raise CheckpointError(path, f"a torch file but not a stepwise checkpoint (missing "
                                     f"{', '.join(missing)})")
+    if payload.get("sharded") and (problem := shard_dir_problem(path.parent / payload["sharded"])):
+        raise CheckpointError(path, problem)
     return payload
 
 
@@ -165,13 +171,17 @@ def latest_valid(directory: Path) -> tuple[Path, dict[str, Any]] | None:
 BEST_FILE = "best.pt"  # trainer.monitor's best evaluation; never a resume candidate (auto)
 
 
-def _payload(job, tracker, trainer) -> dict[str, Any] | None:
-    """The checkpoint of `trainer` now, on the main rank (None elsewhere; every rank gathers).
-    Metrics logged so far are flushed first, so that a resume from it logs nothing twice."""
+def _payload(job, tracker, trainer, shards: Path | None = None) -> dict[str, Any] | None:
+    """The checkpoint of `trainer` now, on the main rank (None elsewhere; every rank gathers, and
+    under FSDP writes its shards into `shards`). The metrics logged so far reach the store first
+    while it answers, so that a run killed after this checkpoint and resumed from it has them
+    all (it logs from the checkpoint's step on)."""
     state = trainer.state_dict()
+    if shards is not None:
+        write_shards(trainer, shards, state)  # FSDP: every rank's shards
     if not trainer.replica.is_main:
         return None
-    tracker.flush()
+    tracker.sync_while_up()
     state.update(epoch=trainer.counters.epoch, samples_seen=trainer.counters.samples_seen,
                  plan=job.plan.to_dict(), config=job.config_dict(), mlflow_run_id=tracker.run_id)
     return state
@@ -181,7 +191,7 @@ def checkpoint_saver(job, tracker) -> Callable:
     """Save a checkpoint (every rank gathers; rank 0 writes step-N.pt and last.pt)."""
 
     def save(trainer) -> None:
-        state = _payload(job, tracker, trainer)
+        state = _payload(job, tracker, trainer, job.run_dir / "checkpoints")
         if state is None:
             return
         path = publish(job.run_dir / "checkpoints", state, job.config.trainer.keep_checkpoints)

@@ -56,12 +56,23 @@ def chosen_option(group: str, schema: type | None, argv: Sequence[str]) -> str:
     return default if default in named else "|".join(named)
 
 
+# Keys of one option that another refuses on purpose: (key, option) -> (why, fix).
+REFUSED = {("parallel.device_ids", "fsdp"): (
+    "FSDP runs one process per device and shards the model over them; it cannot drive several "
+    "devices from one process, as nn.DataParallel does",
+    "drop parallel.device_ids; parallel.nproc sets the processes (one per GPU), "
+    "CUDA_VISIBLE_DEVICES which GPUs")}
+
+
 def _option_key(key: str, schema: type | None, argv: Sequence[str]) -> str:
     """No such key in a group of several options: name the option that has it, if one does
     (`parallel.timeout_s` is parallel=ddp's), else the nearest key and whose it is."""
     group, value = key.partition(".")[0], _value_of(key, argv)
     options = SCHEMAS[group]
     chosen = chosen_option(group, schema, argv)
+    if (key, chosen) in REFUSED:
+        why, fix = REFUSED[key, chosen]
+        return f"{key}={value}: {why}; fix: {fix}"
     mine = schema if schema in options.values() else options.get(chosen)
     own = option_keys(group, mine) if mine else []
     others = {option: option_keys(group, node) for option, node in options.items() if node is not mine}

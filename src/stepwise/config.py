@@ -11,6 +11,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from stepwise.parallel_config import DDPConfig, DPConfig, FSDPConfig, ParallelConfig
+
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # inside the package: a wheel carries it
 
 # -- model ------------------------------------------------------------------------------------
@@ -154,33 +156,7 @@ class MSEConfig:
     _target_: str = "stepwise.losses.MSE"
 
 
-# -- parallelism, optimisation, training ------------------------------------------------------
-@dataclass
-class ParallelConfig:
-    mode: str = "single"
-
-
-@dataclass
-class DDPConfig(ParallelConfig):
-    """DistributedDataParallel: one process per device (CPU: gloo, GPUs: NCCL)."""
-
-    mode: str = "ddp"
-    nproc: int | None = None
-    nnodes: int = 1
-    backend: str = "auto"
-    sync_batchnorm: bool = False
-    find_unused_parameters: bool = False
-    timeout_s: int = 300
-
-
-@dataclass
-class DPConfig(ParallelConfig):
-    """nn.DataParallel over `device_ids` (null: every visible GPU) in one process."""
-
-    mode: str = "dp"
-    device_ids: list[int] | None = None
-
-
+# -- parallelism (stepwise/parallel_config.py), optimisation, training --------------------
 @dataclass
 class OptimConfig:
     """A torch.optim class, built with `_partial_` and then given the parameters and scaled LR."""
@@ -298,7 +274,8 @@ SCHEMAS = {
              "mnist": TorchvisionDataConfig, "cifar10": TorchvisionDataConfig,
              "dataset": DatasetConfig},
     "loss": {"cross_entropy": CrossEntropyConfig, "mse": MSEConfig},
-    "parallel": {"single": ParallelConfig, "ddp": DDPConfig, "dp": DPConfig},
+    "parallel": {"single": ParallelConfig, "ddp": DDPConfig, "dp": DPConfig,
+                 "fsdp": FSDPConfig},
     "optim": {"sgd": SGDConfig, "adamw": AdamWConfig},
     "lr_scaling": {"lr_scaling": LRScalingConfig},
     "schedule": {"schedule": ScheduleConfig},

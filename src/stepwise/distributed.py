@@ -13,15 +13,17 @@ from datetime import timedelta
 import torch
 from torch import nn
 
-from stepwise.world import World
+from stepwise import sharded
+from stepwise.world import PROCESS_MODES, World
 
 
 @dataclass
 class Replica:
-    """One data-parallel replica (single: the only one; dp: one process driving W devices).
+    """One data-parallel replica (single: the only one; dp: one process driving W devices; ddp
+    and fsdp: one process per replica, fsdp with the model sharded over them).
 
     Attributes:
-        mode: `single`, `dp` or `ddp`.
+        mode: `single`, `dp`, `ddp` or `fsdp`.
         rank: this process's rank among the replicas that load data (0 for single and dp).
         world_size: data-parallel replicas W of the batch contract.
         device: where this process puts its micro-batches.
@@ -34,6 +36,8 @@ class Replica:
     device_ids: list[int] | None = None
     sync_batchnorm: bool = False
     find_unused_parameters: bool = False
+    shard_modules: tuple[str, ...] | None = None  # fsdp: classes sharded on their own
+    reshard_after_forward: bool = True  # fsdp
     # Only for measuring what no_sync saves (benchmarks, tests): all-reduce on every micro-step.
     sync_every_micro_step: bool = False
 
@@ -42,9 +46,14 @@ class Replica:
         return self.rank == 0
 
     @property
+    def distributed(self) -> bool:
+        """One process per replica (ddp, fsdp): the reductions are collectives over the ranks."""
+        return self.mode in PROCESS_MODES
+
+    @property
     def loader_ranks(self) -> int:
         """Processes that load distinct data (DP loads the whole b x W slice in one process)."""
-        return self.world_size if self.mode == "ddp" else 1
+        return self.world_size if self.distributed else 1
 
     @property
     def blocks_per_process(self) -> int:
@@ -53,13 +62,17 @@ class Replica:
 
     @property
     def loss_multiplier(self) -> float:
-        # DDP averages gradients over ranks; multiplying by W turns that average back into the
-        # sum over all real samples of the window, which the loop divides by the window's count.
-        return float(self.world_size) if self.mode == "ddp" else 1.0
+        # DDP and FSDP average gradients over ranks; multiplying by W turns that average back
+        # into the sum over all real samples of the window, which the loop divides by its count.
+        return float(self.world_size) if self.distributed else 1.0
 
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """Put the model on the device and wrap it for the parallel mode."""
+    def wrap(self, model: nn.Module, precision: str = "32") -> nn.Module:
+        """Put the model on the device and wrap it for the parallel mode (`precision`:
+        `trainer.precision`, which FSDP's mixed precision policy follows)."""
         model = model.to(self.device)
+        if self.mode == "fsdp":
+            return sharded.shard(model, self.device, self.world_size, self.shard_modules,
+                                 self.reshard_after_forward, precision)
         if self.mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
@@ -80,14 +93,37 @@ class Replica:
                                                   nn.parallel.DistributedDataParallel)) else model
 
     def no_sync(self, model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
-        """Skip DDP's gradient all-reduce on every micro-step but the last of a window."""
+        """Skip DDP's gradient all-reduce (FSDP's reduce-scatter) on every micro-step but the
+        last of a window."""
+        if self.mode == "fsdp":
+            return sharded.gradient_sync(self.unwrap(model), sync or self.sync_every_micro_step)
         if self.mode == "ddp" and not sync and not self.sync_every_micro_step:
             return model.no_sync()
         return contextlib.nullcontext()
 
+    def model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The bare model's full state dict (FSDP: gathered, on rank 0 only; collective)."""
+        if self.mode == "fsdp":
+            return sharded.full_model_state(self.unwrap(model))
+        return self.unwrap(model).state_dict()
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict | None:
+        """The optimizer's state dict; None under FSDP, whose shards go to the checkpoint's DCP
+        directory instead (stepwise.sharded.write_shards)."""
+        return None if self.mode == "fsdp" else optimizer.state_dict()
+
+    def load_full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        state: dict) -> None:
+        """Load a checkpoint of whole tensors ("model", "optimizer"), as single or ddp wrote it."""
+        if self.mode == "fsdp":
+            sharded.load_full(self.unwrap(model), optimizer, state)
+            return
+        self.unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+
     def all_gather_object(self, obj):
         """[obj of rank 0, obj of rank 1, ...] (a one-element list with one process)."""
-        if self.mode != "ddp":
+        if not self.distributed:
             return [obj]
         import torch.distributed as dist
 
@@ -97,11 +133,11 @@ class Replica:
 
     def lagged_max(self) -> LaggedMax:
         """A max over ranks whose answer comes one call late (see LaggedMax)."""
-        return LaggedMax(self.mode == "ddp")
+        return LaggedMax(self.distributed)
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum a tensor over all ranks (identity with one process)."""
-        if self.mode == "ddp":
+        if self.distributed:
             import torch.distributed as dist
 
             tensor = tensor.clone()
@@ -153,7 +189,7 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
 
 
 def start_replica(world: World, parallel, device: str) -> Replica:
-    """The replica of this process in `world`; for DDP, join the process group first.
+    """The replica of this process in `world`; for DDP and FSDP, join the process group first.
 
     Args:
         world: the job's world (stepwise.world), as this process's rank sees it.
@@ -177,19 +213,24 @@ def start_replica(world: World, parallel, device: str) -> Replica:
         backend = "nccl" if target.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=world.rank, world_size=world.size,
                             timeout=timedelta(seconds=parallel.timeout_s))
+    if world.mode == "fsdp":
+        names = parallel.shard_modules
+        return Replica("fsdp", world.rank, world.size, target,
+                       shard_modules=tuple(names) if names is not None else None,
+                       reshard_after_forward=parallel.reshard_after_forward)
     return Replica("ddp", world.rank, world.size, target,
                    sync_batchnorm=parallel.sync_batchnorm,
                    find_unused_parameters=parallel.find_unused_parameters)
 
 
 def stop_replica(replica: Replica, failed: bool = False) -> None:
-    """Leave the process group (DDP); nothing to do otherwise.
+    """Leave the process group (DDP, FSDP); nothing to do otherwise.
 
     A rank that `failed` leaves without a word: its peers may be inside a collective it will
     never join, and a barrier now could pair with their all-reduce and hang or corrupt both.
     Its exit closes the sockets, the launcher sees the failure and ends the other ranks.
     """
-    if replica.mode == "ddp" and not failed:
+    if replica.distributed and not failed:
         import torch.distributed as dist
 
         if dist.is_initialized():

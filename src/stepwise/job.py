@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from stepwise.sweep import SweepJob
 
 log = logging.getLogger("stepwise")
-PARALLEL_MODES = ("single", "dp", "ddp")
+PARALLEL_MODES = ("single", "dp", "ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("32", "64", "bf16", "16-mixed")  # see stepwise/precision.py
 LOGGER_BACKENDS = ("mlflow", "none")
@@ -72,6 +72,10 @@ def validate(config: Config) -> None:
     trainer = config.trainer
     _one_of("trainer.device", trainer.device, DEVICES)
     _one_of("trainer.precision", trainer.precision, PRECISIONS)
+    if config.parallel.mode == "fsdp":
+        from stepwise.sharded import check_config
+
+        check_config(config)
     _one_of("logger.backend", config.logger.backend, LOGGER_BACKENDS)
     _one_of("trainer.on_nonfinite", trainer.on_nonfinite, NONFINITE_POLICIES)
     if config.logger.backend == "mlflow" and config.logger.tracking_uri:
@@ -222,9 +226,9 @@ def check_fast_path(trainer: Any) -> None:
 
 
 def visible_gpus(config: Config) -> int:
-    """CUDA devices the world may use; torch is imported only for dp and ddp off the CPU."""
+    """CUDA devices the world may use; torch is imported only for dp, ddp and fsdp off the CPU."""
     mode = config.parallel.mode
-    if mode == "single" or (mode == "ddp" and config.trainer.device == "cpu"):
+    if mode == "single" or (mode in ("ddp", "fsdp") and config.trainer.device == "cpu"):
         return 0
     return _cuda_devices()
 

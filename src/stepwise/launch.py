@@ -1,4 +1,4 @@
-"""Starting DDP ranks: spawn them through torch's elastic launcher (what torchrun uses)."""
+"""Starting DDP and FSDP ranks: spawn them through torch's elastic launcher (what torchrun uses)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 
 def spawn(job: Job, tracker, log_file: str | None) -> dict[str, float]:
-    """Run `job.world.nproc` DDP workers on this node; return rank 0's final metrics.
+    """Run `job.world.nproc` DDP (or FSDP) workers on this node; return rank 0's final metrics.
 
     The elastic launcher watches the workers: when one fails, it stops the others and raises
     ChildFailedError with the failing rank's traceback (as torchrun would print it).
@@ -37,7 +37,8 @@ def spawn(job: Job, tracker, log_file: str | None) -> dict[str, float]:
         **_supported(LaunchConfig, shutdown_timeout=timeout,  # torch >= 2.12
                      signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2"),  # torch >= 2.10
     )
-    log.info("spawning %d DDP workers (world_size=%d)", job.world.nproc, job.world.size)
+    log.info("spawning %d %s workers (world_size=%d)", job.world.nproc, job.world.mode.upper(),
+             job.world.size)
     run_id = getattr(tracker, "run_id", None)
     uri = getattr(tracker, "tracking_uri", None)
     # The launcher replaces the handlers of the signals it forwards, and does not put them back.

@@ -169,13 +169,15 @@ class Outbox:
                 self._values += size(op)
             self._lock.notify_all()
 
-    def drain(self, timeout: float) -> bool:
-        """Wait until everything queued has been sent (True) or `timeout` seconds pass."""
+    def drain(self, timeout: float, while_up: bool = False) -> bool:
+        """Wait until everything queued has been sent (True) or `timeout` seconds pass; with
+        `while_up`, give up as soon as the store is found not answering."""
         deadline = time.monotonic() + timeout
         with self._lock:
             while self._queue or self._spilled or self._sending is not None:
                 left = deadline - time.monotonic()
-                if left <= 0 or not self._thread.is_alive():
+                if left <= 0 or not self._thread.is_alive() or (
+                        while_up and self._down_since is not None):
                     return False
                 self._lock.wait(left)
         return True
@@ -255,7 +257,9 @@ class Outbox:
                                 self.run_id, str(err).splitlines()[0])
                     break
                 if self._down_since is None:
-                    self._down_since = time.monotonic()
+                    with self._lock:
+                        self._down_since = time.monotonic()
+                        self._lock.notify_all()  # `drain(while_up=True)` stops waiting
                     log.warning("MLflow store does not answer (%s); training goes on, what it "
                                 "logs is kept and retried in the background",
                                 str(err).splitlines()[0][:200])

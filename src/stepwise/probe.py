@@ -102,6 +102,10 @@ def probe(config: Any, data: Any, data_name: str, plan: Any) -> None:
 
     with torch.random.fork_rng(devices=[]):
         model = probe_model(config.model, data, data_name) or build_model(config, data)
+        if config.parallel.mode == "fsdp":
+            from stepwise.sharded import check_shard_modules
+
+            check_shard_modules(model, config.parallel.shard_modules)
         probe_optimizer(config, plan)
         probe_batch(config, data, data_name, model.to(param_dtype(config.trainer.precision)))
 

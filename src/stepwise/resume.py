@@ -107,4 +107,9 @@ def resume_state(job) -> dict[str, Any] | None:
 
     state = load_checkpoint(job.resume_from)
     check_compatible(job.resume_from, state, job.config_dict(), job.plan.to_dict())
+    if state.get("sharded"):  # an FSDP checkpoint: its shards must fit the model (any mode)
+        from stepwise.build import build_model
+        from stepwise.sharded import check_shards
+
+        check_shards(job.resume_from, state, lambda: build_model(job.config, job.data))
     return state

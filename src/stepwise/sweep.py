@@ -76,12 +76,13 @@ def check_launcher(config: DictConfig) -> None:
     tasks = launcher.get("tasks_per_node", 1)
     if tasks == expected:
         return
-    if parallel.mode != "ddp":
+    if parallel.mode not in ("ddp", "fsdp"):
         raise ConfigError("hydra.launcher.tasks_per_node", tasks,
                           f"parallel={parallel.mode} runs one process per job",
                           "leave tasks_per_node out (it follows parallel), or use parallel=ddp")
     raise ConfigError("hydra.launcher.tasks_per_node", tasks,
-                      f"parallel=ddp with parallel.nproc={nproc} runs {expected} ranks per node",
+                      f"parallel={parallel.mode} with parallel.nproc={nproc} runs {expected} ranks "
+                      "per node",
                       f"leave tasks_per_node out (it follows parallel.nproc), or set "
                       f"parallel.nproc={tasks}")
 

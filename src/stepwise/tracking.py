@@ -121,6 +121,7 @@ class NullTracker:
     def start_system_metrics(self, interval_s: float) -> None: ...
     def log_model(self, module: Any, example: Any, **options: Any) -> str | None: ...
     def flush(self) -> None: ...
+    def sync_while_up(self) -> bool: ...
     def close(self, status: str | None = None) -> None: ...
     def finish(self, status: str) -> None: ...
 
@@ -232,6 +233,12 @@ class MlflowTracker:
         """Wait until everything logged so far has been sent (True), or `timeout` seconds."""
         self.flush()
         return self.outbox.drain(self.flush_timeout_s if timeout is None else timeout)
+
+    def sync_while_up(self) -> bool:
+        """Wait until everything logged so far is sent, unless the store is not answering (then
+        return at once: training does not wait for a server that is down)."""
+        self.flush()
+        return self.outbox.drain(self.flush_timeout_s, while_up=True)
 
     def close(self, status: str | None = None) -> None:
         """Send what is left (and the run's final status, when given) within `flush_timeout_s`;

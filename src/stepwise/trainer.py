@@ -329,8 +329,8 @@ class Trainer:
         if self.replica.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.replica.device)
         return {
-            "model": Replica.unwrap(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": self.replica.model_state(self.model),
+            "optimizer": self.replica.optimizer_state(self.optimizer),  # FSDP: in the shards
             "scheduler": self.scheduler.state_dict(),
             "global_step": self.counters.global_step,
             "counters": {**asdict(self.counters), "real_samples": real_total},
@@ -343,8 +343,12 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where `state` stopped (the RNG too, when the world size is the same)."""
-        Replica.unwrap(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("sharded"):  # an FSDP checkpoint: its DCP directory (stepwise.sharded)
+            from stepwise.sharded import load_shards
+
+            load_shards(Replica.unwrap(self.model), self.optimizer, state["sharded"])
+        else:
+            self.replica.load_full_state(self.model, self.optimizer, state)
         self.scheduler.load_state_dict(state["scheduler"])
         self.precision.load_state_dict(state.get("precision", {}))
         counters = dict(state["counters"])

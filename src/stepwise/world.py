@@ -15,6 +15,8 @@ from stepwise.dist_env import DistEnv
 from stepwise.errors import ConfigError
 
 BACKENDS = ("auto", "gloo", "nccl")
+# Modes that run one process per replica (the DDP data layout: loaders, shards, spawning).
+PROCESS_MODES = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -22,9 +24,11 @@ class World:
     """Where a job's replicas run.
 
     Attributes:
-        mode: `single`, `dp` (one process drives `device_ids`) or `ddp` (one process per rank).
+        mode: `single`, `dp` (one process drives `device_ids`), `ddp` or `fsdp` (one process
+            per rank; fsdp also shards the model over the ranks).
         size: the data-parallel replicas W of the batch contract.
-        nproc: processes per node: DDP ranks stepwise spawns or the launcher started; else 1.
+        nproc: processes per node: ranks (ddp, fsdp) stepwise spawns or the launcher started;
+            else 1.
         device_ids: for `dp`, the GPUs the one process drives.
         env: this process's launcher environment: its rank, and where the ranks meet.
     """
@@ -38,12 +42,12 @@ class World:
     @property
     def rank(self) -> int:
         """This process's rank among the processes that load data (0 for single and dp)."""
-        return self.env.rank if self.mode == "ddp" else 0
+        return self.env.rank if self.mode in PROCESS_MODES else 0
 
     @property
     def spawns(self) -> bool:
-        """DDP that nobody launched: stepwise starts `nproc` ranks on this node itself."""
-        return self.mode == "ddp" and not self.env.launched
+        """DDP or FSDP that nobody launched: stepwise starts `nproc` ranks on this node itself."""
+        return self.mode in PROCESS_MODES and not self.env.launched
 
     def joined(self, env: DistEnv) -> World:
         """The same world, seen from a rank that `env` describes (a spawned worker)."""
@@ -73,7 +77,14 @@ def resolve_world(parallel, device: str, env: DistEnv, gpus: int) -> World:
             raise ConfigError("parallel.device_ids", ids, f"must be distinct ids in 0..{gpus - 1}",
                               "list visible GPUs, or null for all of them")
         return World("dp", size=len(ids), device_ids=tuple(ids), env=env)
-    return _ddp(parallel, device, env, gpus if device != "cpu" else 0)
+    world = _ddp(parallel, device, env, gpus if device != "cpu" else 0)
+    if mode != "fsdp":
+        return world
+    if world.size == 1:
+        raise ConfigError("parallel", "fsdp", "world_size=1: one process has nothing to shard "
+                          "over (FSDP would keep the whole model on its one device, as single "
+                          "does, and add gathers)", "use parallel=single, or parallel.nproc>=2")
+    return dataclasses.replace(world, mode="fsdp")
 
 
 def _ddp(parallel, device: str, env: DistEnv, gpus: int) -> World:
@@ -128,12 +139,12 @@ def ddp_world(nproc: int | None, nnodes: int, env: DistEnv, gpus: int) -> tuple[
 
 
 def submitit_tasks_per_node(mode: str, nproc: int | None, gpus_per_node: int | None) -> int:
-    """Tasks per node a submitit launcher starts for `parallel`: one per DDP rank, else one.
+    """Tasks per node a submitit launcher starts for `parallel`: one per DDP/FSDP rank, else one.
 
-    With `parallel.nproc=null`, DDP runs one rank per GPU of the node, or 2 on CPU-only nodes
-    (the default of `python train.py parallel=ddp` on one machine).
+    With `parallel.nproc=null`, DDP and FSDP run one rank per GPU of the node, or 2 on CPU-only
+    nodes (the default of `python train.py parallel=ddp` on one machine).
     """
-    if mode != "ddp":
+    if mode not in PROCESS_MODES:
         return 1
     if nproc is not None:
         return nproc

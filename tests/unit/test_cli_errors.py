@@ -21,13 +21,22 @@ def _composition_line(*overrides: str) -> str | None:
 
 @pytest.mark.parametrize("overrides,expected", [
     (["parallel.timeout_s=0"], "parallel.timeout_s=0: no such key for parallel=single (it is a "
-                               "key of parallel=ddp); fix: add parallel=ddp"),
+                               "key of parallel=ddp|fsdp); fix: add one of parallel=ddp|fsdp"),
     (["parallel=single", "parallel.nproc=2"], "parallel.nproc=2: no such key for parallel=single "
-                                              "(it is a key of parallel=ddp); fix: replace "
-                                              "parallel=single by parallel=ddp"),
+                                              "(it is a key of parallel=ddp|fsdp); fix: replace "
+                                              "parallel=single by one of parallel=ddp|fsdp"),
     (["parallel=ddp", "parallel.device_ids=[0]"],
      "parallel.device_ids=[0]: no such key for parallel=ddp (it is a key of parallel=dp); fix: "
      "replace parallel=ddp by parallel=dp"),
+    # FSDP refuses DP's key with its reason, instead of suggesting DP.
+    (["parallel=fsdp", "parallel.device_ids=[0,1]"],
+     "parallel.device_ids=[0,1]: FSDP runs one process per device and shards the model over "
+     "them; it cannot drive several devices from one process, as nn.DataParallel does; fix: drop "
+     "parallel.device_ids; parallel.nproc sets the processes (one per GPU), CUDA_VISIBLE_DEVICES "
+     "which GPUs"),
+    (["parallel=fsdp", "parallel.sync_batchnorm=true"],
+     "parallel.sync_batchnorm=true: no such key for parallel=fsdp (it is a key of parallel=ddp); "
+     "fix: replace parallel=fsdp by parallel=ddp"),
     (["optim.betas=[0.9,0.99]"], "optim.betas=[0.9,0.99]: no such key for optim=sgd (it is a key "
                                  "of optim=adamw); fix: add optim=adamw"),
     (["optim=adamw", "optim.momentum=0.9"], "optim.momentum=0.9: no such key for optim=adamw (it "
@@ -50,7 +59,8 @@ def _composition_line(*overrides: str) -> str | None:
      "replace data=mnist by data=synthetic"),
     # A misspelling: the nearest key, and whose it is when it is another option's.
     (["parallel.timeout=5"], "parallel.timeout=5: no such key for parallel=single; fix: did you "
-                             "mean parallel.timeout_s, a key of parallel=ddp? (add parallel=ddp)"),
+                             "mean parallel.timeout_s, a key of parallel=ddp|fsdp? (add one of "
+                             "parallel=ddp|fsdp)"),
     (["model.hiden_sizes=[8]"], "model.hiden_sizes=[8]: no such key for model=mlp; fix: did you "
                                 "mean model.hidden_sizes?"),
     (["optim.momentun=0.5"], "optim.momentun=0.5: no such key for optim=sgd; fix: did you mean "

@@ -38,6 +38,10 @@ def test_every_option_composes_and_builds(override, tmp_path: Path):
         with pytest.raises(ConfigError, match="DataParallel needs CUDA devices"):
             prepare(config, run_dir=tmp_path, start_dir=tmp_path)
         return
+    if override == "parallel=fsdp" and tuple(map(int, torch.__version__.split(".")[:2])) < (2, 6):
+        with pytest.raises(ConfigError, match="needs torch >= 2.6"):  # the torch floor's run
+            prepare(config, run_dir=tmp_path, start_dir=tmp_path)
+        return
     job = prepare(config, run_dir=tmp_path, start_dir=tmp_path)
     model = build_model(job.config, job.data)
     optimizer = build_optimizer(job.config, job.plan, model.parameters())
