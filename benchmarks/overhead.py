@@ -109,6 +109,7 @@ def run_stepwise(job: Job, replica: Replica, tracking_uri: str | None) -> float:
     tracker = NullTracker()
     if tracking_uri is not None and replica.is_main:
         tracker = MlflowTracker(tracking_uri, "benchmarks")
+        tracker.start_system_metrics(job.config.logger.system_metrics_interval_s)  # as a run does
     trainer = build_trainer(job, replica, tracker)
     started: list[float] = []
 
@@ -119,7 +120,7 @@ def run_stepwise(job: Job, replica: Replica, tracking_uri: str | None) -> float:
 
     trainer.optimizer.register_step_post_hook(first_step_done)
     trainer.fit()
-    tracker.flush()
+    tracker.sync_while_up()  # what the background thread still had to send is timed too
     barrier(replica)
     elapsed = time.perf_counter() - started[0]
     tracker.finish("FINISHED")
