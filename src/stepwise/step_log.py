@@ -213,8 +213,8 @@ class StepLog:
 
     def salvage(self, counters) -> None:
         """After a failure, send the logged steps not read yet, if that needs no other rank (in
-        DDP the ranks are not at the same point any more: no collective is safe)."""
-        if self.replica.mode != "ddp":
+        DDP and FSDP the ranks are not at the same point any more: no collective is safe)."""
+        if not self.replica.distributed:
             with contextlib.suppress(Exception):
                 self.read(counters)
 

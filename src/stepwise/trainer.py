@@ -194,11 +194,17 @@ class Trainer:
         """The total norm of the gradient about to be applied (after accumulation, the DDP
         all-reduce and unscaling), clipped to `grad_clip_norm` if set: a device tensor, computed
         only at logged steps when there is no clipping."""
+        logs, sharded = self.step_log.logs(step), self.replica.mode == "fsdp"
         if self.settings.grad_clip_norm is not None:
-            return nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip_norm)
-        if self.replica.is_main and self.step_log.logs(step):
-            return nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
-        return None
+            norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip_norm)
+        elif logs and (self.replica.is_main or sharded):
+            norm = nn.utils.get_total_norm([p.grad for p in self.model.parameters()
+                                            if p.grad is not None])
+        else:
+            return None
+        if hasattr(norm, "full_tensor"):  # FSDP: the norm of shards, completed by every rank
+            return norm.full_tensor() if logs else None
+        return norm
 
     def _accumulate(self, batches: list[Batch], window: Window) -> torch.Tensor:
         """Forward/backward every micro-step; DDP all-reduces on the last one only.

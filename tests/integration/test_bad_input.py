@@ -62,7 +62,7 @@ CASES = [
     (["seed=-1"], "seed=-1: must be >= 0 (numpy takes no negative seeds)"),
     # A key of another option of the group: say whose it is, never "did you mean <the same key>".
     (["parallel.timeout_s=0"], "parallel.timeout_s=0: no such key for parallel=single (it is a key "
-                               "of parallel=ddp); fix: add parallel=ddp"),
+                               "of parallel=ddp|fsdp); fix: add one of parallel=ddp|fsdp"),
     (["optim.betas=[0.9,0.99]"], "optim.betas=[0.9,0.99]: no such key for optim=sgd (it is a key of "
                                  "optim=adamw); fix: add optim=adamw"),
     (["model.widths=[8]"], "model.widths=[8]: no such key for model=mlp (it is a key of model=cnn); "
