@@ -13,8 +13,10 @@ logged at its step; `runs:/<run_id>/<name>` and `models:/<model_id>` both load i
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
+import os
 from typing import Any
 
 import torch
@@ -133,19 +135,22 @@ def log_model(tracking_uri: str, run_id: str, module: nn.Module, example: Any, *
     with torch.no_grad():
         output = call_model(module, example)
     exported = keyword_inputs(module, names) if isinstance(example, dict) else module
-    mlflow.set_tracking_uri(tracking_uri)  # MLflow's model logging reads it, not the client's
-    client = MlflowClient(tracking_uri)
-    run = client.get_run(run_id)
-    model = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,
-                                       params=dict(run.data.params), model_type="pytorch")
-    info = mlflow.pytorch.log_model(
-        exported, name=name, run_id=run_id, model_id=model.model_id, step=step,
-        signature=signature(tensors, names, output), serialization_format="pt2",
-        # the example as saved beside the model; pt2 traces the tensors themselves
-        input_example=tensors[0].numpy() if names is None else tensors,
-        # stated, so that MLflow does not load the model in a subprocess to infer them
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],  # pt2 needs no more
-        registered_model_name=registered_model_name)
+    # MLflow's model logging reads the global tracking URI, not the client's; set for this call
+    # only (set_tracking_uri also sets MLFLOW_TRACKING_URI, which later jobs of a sweep in this
+    # process would take for their own default store).
+    with _global_tracking_uri(tracking_uri):
+        client = MlflowClient(tracking_uri)
+        run = client.get_run(run_id)
+        model = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,
+                                           params=dict(run.data.params), model_type="pytorch")
+        info = mlflow.pytorch.log_model(
+            exported, name=name, run_id=run_id, model_id=model.model_id, step=step,
+            signature=signature(tensors, names, output), serialization_format="pt2",
+            # the example as saved beside the model; pt2 traces the tensors themselves
+            input_example=tensors[0].numpy() if names is None else tensors,
+            # stated, so that MLflow does not load the model in a subprocess to infer them
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],  # pt2 needs no more
+            registered_model_name=registered_model_name)
     return info.model_uri
 
 
@@ -197,3 +202,17 @@ def log_run_models(job: Any, model: nn.Module, tracker: Any, global_step: int) -
         log.error("the model could not be logged to MLflow (%s: %s); the run's weights are in "
                   "%s", type(err).__name__, str(err).strip().splitlines()[0][:300] if str(err)
                   else "", checkpoints)
+
+
+@contextlib.contextmanager
+def _global_tracking_uri(uri: str):
+    """MLflow's global tracking URI (and $MLFLOW_TRACKING_URI) set to `uri`, then put back
+    (None: not set, the variable removed)."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
