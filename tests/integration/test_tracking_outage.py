@@ -23,7 +23,10 @@ from tests.mlflow_server import MlflowServer
 pytestmark = [pytest.mark.cli, pytest.mark.slow]
 
 # digits, 45 steps per epoch x 3 = 135 optimizer steps, every one logged
-JOB = ("trainer.max_epochs=3", "trainer.log_every_n_steps=1", "trainer.progress_bar=false",
+# Every step is read from the device and logged when it ends (flush_every_n_steps=1), so that a
+# metric's timestamp is the time its step ended: the pauses between them are the loop's.
+JOB = ("trainer.max_epochs=3", "trainer.log_every_n_steps=1", "trainer.flush_every_n_steps=1",
+       "trainer.progress_bar=false",
        "trainer.checkpoint_every_n_steps=0", "model._target_=tests.fixtures.GatedMLP",
        "logger.system_metrics_interval_s=1")
 TOTAL_STEPS = 135
