@@ -211,7 +211,7 @@ def barrier(replica: Replica) -> None:
 def measure(name: str, overrides: list[str], replica: Replica, env: DistEnv, args, out: Path
             ) -> list[str]:
     """Alternate the two loops `args.repeats` times; the report lines (on the main rank)."""
-    overrides = [*COMMON, *settings(args), *overrides]
+    overrides = [*COMMON, *settings(args), *overrides, *args.set]
     probe = prepare(compose([*overrides, "trainer.max_steps=1"]), out, out, env)
     seconds = SECONDS.get(name, 2.0) if args.seconds is None else args.seconds
     steps = steps_for(probe, seconds, replica)
@@ -273,6 +273,9 @@ def main() -> None:
                         help="about how long one measurement of one loop takes (default: 2, "
                              "5 for W3 and W4)")
     parser.add_argument("--no-mlflow", action="store_true", help="stepwise without MLflow")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for both loops' job (e.g. "
+                             "trainer.log_every_n_steps=50), repeatable")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--precision", default="32", choices=("32", "bf16", "16-mixed"))
     parser.add_argument("--channels-last", action="store_true")

@@ -76,12 +76,8 @@ def validate(config: Config) -> None:
         from stepwise.sharded import check_config
 
         check_config(config)
-    _one_of("logger.backend", config.logger.backend, LOGGER_BACKENDS)
+    _check_logger(config.logger)
     _one_of("trainer.on_nonfinite", trainer.on_nonfinite, NONFINITE_POLICIES)
-    if config.logger.backend == "mlflow" and config.logger.tracking_uri:
-        from stepwise.tracking import check_scheme
-
-        check_scheme(config.logger.tracking_uri)
     if trainer.checkpoint_every_n_steps < 0:
         raise ConfigError("trainer.checkpoint_every_n_steps", trainer.checkpoint_every_n_steps,
                           "must be >= 0", "use 0 to checkpoint only at the end and on signals")
@@ -111,6 +107,20 @@ def validate(config: Config) -> None:
             raise ConfigError("trainer.device", "cuda", "no CUDA device is visible",
                               "use trainer.device=auto or cpu")
     check_fast_path(trainer)
+
+
+def _check_logger(logger: Any) -> None:
+    _one_of("logger.backend", logger.backend, LOGGER_BACKENDS)
+    if logger.backend == "mlflow" and logger.tracking_uri:
+        from stepwise.tracking import check_scheme
+
+        check_scheme(logger.tracking_uri)
+    if logger.system_metrics_interval_s < 0:
+        raise ConfigError("logger.system_metrics_interval_s", logger.system_metrics_interval_s,
+                          "must be >= 0", "use 0 for no system metrics")
+    if logger.flush_timeout_s < 0:
+        raise ConfigError("logger.flush_timeout_s", logger.flush_timeout_s, "must be >= 0",
+                          "use 0 to keep what is unsent at the end for stepwise.replay at once")
 
 
 def check_optim(optim: Any) -> None:

@@ -47,8 +47,7 @@ def open_run(job: Job, resumed: dict[str, Any] | None = None):
     tracker = MlflowTracker(uri, cfg.experiment_name, run_name, run_id=run_id, tags=tags,
                             spool_dir=job.run_dir / UNSENT_DIR,
                             flush_timeout_s=cfg.flush_timeout_s)
-    if cfg.system_metrics_interval_s > 0:
-        tracker.start_system_metrics(cfg.system_metrics_interval_s)
+    tracker.start_system_metrics(cfg.system_metrics_interval_s)
     if tracker.resumed and resumed is not None:
         log.info("MLflow run %s reopened in %s at global_step %d", tracker.run_id, uri,
                  resumed["global_step"])

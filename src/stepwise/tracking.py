@@ -221,7 +221,10 @@ class MlflowTracker:
 
     def start_system_metrics(self, interval_s: float) -> None:
         """CPU, memory, disk, network (and GPU when one is present) as `system/*` metrics, every
-        `interval_s` seconds until `close` (MLflow's own monitors; stepwise/system_metrics.py)."""
+        `interval_s` seconds until `close` (MLflow's own monitors; stepwise/system_metrics.py);
+        none when `interval_s` is 0."""
+        if interval_s <= 0:
+            return
         from stepwise.system_metrics import SystemMetrics
 
         first = 1 + max((step for key, step in self._logged_up_to.items()

@@ -77,3 +77,27 @@ def test_a_refused_value_is_dropped_not_retried(tmp_path):
     box.put(("metrics", [["after", 1.0, 0, 1]]))
     assert box.close(timeout=60) is None
     assert client.get_run(run_id).data.metrics["after"] == 1.0
+
+
+def test_system_metrics_every_interval_and_none_at_zero(tmp_path):
+    """An interval of 0 starts no sampling thread (it would sample without pause and flood the
+    store, as a benchmark once did); a positive one samples until the run ends."""
+    import threading
+
+    from stepwise.tracking import MlflowTracker
+
+    def sampling() -> bool:
+        return any(t.name == "stepwise-system-metrics" for t in threading.enumerate())
+
+    counts = {}
+    for interval in (0, 0.05):
+        uri = f"sqlite:///{tmp_path / f'{interval}.db'}"
+        tracker = MlflowTracker(uri, "system", spool_dir=tmp_path / str(interval))
+        tracker.start_system_metrics(interval)
+        assert sampling() == (interval > 0)
+        tracker.close("FINISHED")
+        assert not sampling()
+        history = MlflowClient(uri).get_metric_history(tracker.run_id,
+                                                       "system/cpu_utilization_percentage")
+        counts[interval] = len(history)
+    assert counts[0] == 0 and counts[0.05] >= 1

@@ -41,6 +41,8 @@ RULES = [
     (["data=fake", "data.train_samples=0"], "data.train_samples", "must be >= 1"),
     (["data=fake", "data.num_classes=0"], "data.num_classes", "must be >= 1"),
     (["data=fake", "data.std=[0.25,0,0.25]"], "data.std", "must all be positive"),
+    (["logger.system_metrics_interval_s=-1"], "logger.system_metrics_interval_s", "must be >= 0"),
+    (["logger.flush_timeout_s=-5"], "logger.flush_timeout_s", "must be >= 0"),
 ]
 
 
@@ -54,7 +56,9 @@ def test_out_of_range_values_are_refused_without_torch(overrides, key, problem):
 @pytest.mark.parametrize("overrides", [["optim.momentum=0.99", "optim.dampening=1"],
                                        ["optim.nesterov=true"], ["optim.momentum=0"],
                                        ["optim=adamw", "optim.betas=[0,0.9999]"],
-                                       ["model.hidden_sizes=[]"], ["data.val_fraction=0"]])
+                                       ["model.hidden_sizes=[]"], ["data.val_fraction=0"],
+                                       ["logger.system_metrics_interval_s=0"],
+                                       ["logger.flush_timeout_s=0"]])
 def test_values_at_the_edges_of_the_ranges_pass(overrides):
     validate(compose_config(*overrides))
 
