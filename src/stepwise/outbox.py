@@ -40,12 +40,15 @@ def size(op: Op) -> int:
     return len(op[1]) if op[0] in BATCH else 1
 
 
-def send(client, run_id: str, op: Op) -> None:
-    """Send one operation with an MlflowClient (in MLflow's batch limits)."""
+def send(client, run_id: str, op: Op, writer=None) -> None:
+    """Send one operation with an MlflowClient (in MLflow's batch limits); metric values with
+    `writer` when there is one (a sqlite store: stepwise/sqlite_metrics.py)."""
     from mlflow.entities import Metric, Param, RunTag
 
     kind = op[0]
-    if kind == "metrics":
+    if kind == "metrics" and writer is not None:
+        writer.log(run_id, op[1])
+    elif kind == "metrics":
         values = [Metric(key, value, ts, step) for key, value, ts, step in op[1]]
         for i in range(0, len(values), BATCH[kind]):
             client.log_batch(run_id, metrics=values[i:i + BATCH[kind]])
@@ -145,7 +148,10 @@ class Outbox:
 
     def __init__(self, client, run_id: str, tracking_uri: str, spool_dir: Path | None,
                  max_values: int = MAX_QUEUED_VALUES) -> None:
+        from stepwise.sqlite_metrics import open_writer
+
         self.client, self.run_id, self.max_values = client, run_id, max_values
+        self.writer = open_writer(tracking_uri)
         self.spool = Spool(spool_dir, run_id, tracking_uri) if spool_dir is not None else None
         self._queue: collections.deque[Op] = collections.deque()
         self._values = 0
@@ -244,12 +250,14 @@ class Outbox:
                     self._sending = None
                     self._values -= size(op)
                 self._lock.notify_all()
+        if self.writer is not None:
+            self.writer.close()
 
     def _send_until_done(self, op: Op) -> None:
         tries = 0
         while True:
             try:
-                send(self.client, self.run_id, op)
+                send(self.client, self.run_id, op, self.writer)
                 break
             except Exception as err:
                 if permanent(err):
