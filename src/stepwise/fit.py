@@ -23,6 +23,26 @@ def _progress(job, replica: Replica, done: int):
                 unit="step", disable=None)
 
 
+def _model_to_log(job, replica: Replica, model):
+    """The trained model as one process can log it: the bare module, or under FSDP an unsharded
+    copy built on rank 0 from the full state dict that every rank gathers (rank 0 alone cannot
+    run a sharded module: its forward all-gathers, and the run hung until the others left)."""
+    if replica.mode != "fsdp":
+        return Replica.unwrap(model)
+    if not (job.config.logger.backend == "mlflow" and job.config.logger.log_model):
+        return None
+    from stepwise.build import build_model
+    from stepwise.precision import param_dtype
+    from stepwise.sharded import full_model_state
+
+    state = full_model_state(model)
+    if not replica.is_main:
+        return None
+    plain = build_model(job.config, job.data).to(param_dtype(job.config.trainer.precision))
+    plain.load_state_dict(state)
+    return plain
+
+
 def train(job, replica: Replica, tracker, resumed: dict[str, Any] | None = None
           ) -> dict[str, float]:
     """Fit from scratch or from `resumed`, and write the final checkpoint.
@@ -45,9 +65,9 @@ def train(job, replica: Replica, tracker, resumed: dict[str, Any] | None = None
             trainer.progress.close()
             tracker.flush()
         trainer.save(trainer)
+        model = _model_to_log(job, replica, trainer.model)
         if replica.is_main:
-            log_run_models(job, Replica.unwrap(trainer.model), tracker,
-                           trainer.counters.global_step)
+            log_run_models(job, model, tracker, trainer.counters.global_step)
     if replica.is_main:
         log.info("done: %s", ", ".join(f"{k}={v:.6g}" for k, v in metrics.items()))
     return metrics

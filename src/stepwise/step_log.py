@@ -100,6 +100,8 @@ class StepLog:
         self.flush_every, self.on_nonfinite = settings.flush_every_n_steps, settings.on_nonfinite
         self.lines = replica.is_main and not sys.stdout.isatty() if lines is None else lines
         self.clock = clock
+        # FSDP without clipping: a point's norm is this rank's squared norm of its shards
+        self.partial_norms = replica.mode == "fsdp" and settings.grad_clip_norm is None
         self.unchecked: list[tuple[int, torch.Tensor]] = []  # (step, its loss shares) unread
         self.points: list[_Point] = []
         self.read_step = 0  # the step of the last read
@@ -181,12 +183,18 @@ class StepLog:
             return {}, []
         steps, shares = zip(*self.unchecked)
         self.unchecked = []
-        summed = self.replica.sum(torch.stack(shares).double())
-        norms = [point.norm for point in points if point.norm is not None]
-        if norms:
-            summed = torch.cat([summed, torch.stack(norms).double().to(summed.device)])
-        values = summed.tolist()
+        losses = torch.stack(shares).double()
+        norms = [point.norm.double().to(losses.device) for point in points
+                 if point.norm is not None]
         self.reads += 1
+        if self.partial_norms and norms:
+            # each rank's squared norm of its shards: summed with the losses, then the root
+            values = self.replica.sum(torch.cat([losses, torch.stack(norms)])).tolist()
+            return dict(zip(steps, values)), [math.sqrt(v) for v in values[len(steps):]]
+        summed = self.replica.sum(losses)
+        if norms:
+            summed = torch.cat([summed, torch.stack(norms)])
+        values = summed.tolist()
         return dict(zip(steps, values)), values[len(steps):]
 
     def _throughput(self, counters, loss: float) -> dict[str, float]:

@@ -197,14 +197,19 @@ class Trainer:
         logs, sharded = self.step_log.logs(step), self.replica.mode == "fsdp"
         if self.settings.grad_clip_norm is not None:
             norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip_norm)
-        elif logs and (self.replica.is_main or sharded):
-            norm = nn.utils.get_total_norm([p.grad for p in self.model.parameters()
+            if hasattr(norm, "full_tensor"):  # FSDP: the norm of shards, completed by every rank
+                return norm.full_tensor() if logs else None
+            return norm
+        if logs and sharded:
+            # The squared norm of this rank's shards: the step log sums them over ranks in the
+            # all-reduce that reads the losses (a DTensor norm here would cost a collective and
+            # DTensor dispatch per logged step: 3% of a W7 step in benchmarks/fsdp.py).
+            shards = [p.grad.to_local() for p in self.model.parameters() if p.grad is not None]
+            return torch.stack([torch.linalg.vector_norm(g).double() for g in shards]).square().sum()
+        if logs and self.replica.is_main:
+            return nn.utils.get_total_norm([p.grad for p in self.model.parameters()
                                             if p.grad is not None])
-        else:
-            return None
-        if hasattr(norm, "full_tensor"):  # FSDP: the norm of shards, completed by every rank
-            return norm.full_tensor() if logs else None
-        return norm
+        return None
 
     def _accumulate(self, batches: list[Batch], window: Window) -> torch.Tensor:
         """Forward/backward every micro-step; DDP all-reduces on the last one only.

@@ -9,6 +9,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
+import mlflow.pytorch
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -137,17 +138,27 @@ def _hand_norms(tmp_path: Path) -> list[float]:
     return norms
 
 
-def test_grad_norm_is_the_norm_of_the_gradient_applied(workdir):
-    """After accumulation (b=10, k=4) and after the DDP all-reduce (b=10, k=2, W=2): the
-    norm of the window's whole gradient, at the logged steps only."""
+def test_grad_norm_is_the_norm_of_the_gradient_applied(workdir, request):
+    """After accumulation (b=10, k=4), after the DDP all-reduce and over FSDP's shards (b=10,
+    k=2, W=2; each rank's squared share summed with the losses): the norm of the window's
+    whole gradient, at the logged steps only."""
     hand = _hand_norms(workdir)
     run_cli(*LINREG, "logger.run_name=k4", "hydra.run.dir=outputs/k4", cwd=workdir, check=True)
-    run_cli(*LINREG, "parallel=ddp", "parallel.nproc=2", "accum=2", "logger.run_name=ddp",
-            "hydra.run.dir=outputs/ddp", cwd=workdir, check=True)
+    for mode in ("ddp", "fsdp"):
+        run_cli(*LINREG, f"parallel={mode}", "parallel.nproc=2", "accum=2",
+                f"logger.run_name={mode}", f"hydra.run.dir=outputs/{mode}", cwd=workdir,
+                check=True)
     client, runs = _runs(workdir)
-    for name in ("k4", "ddp"):
+    for name in ("k4", "ddp", "fsdp"):
         norms = _history(client, runs[name], "train/grad_norm")
         assert sorted(norms) == list(range(5, 76, 5)), name
         for step, value in norms.items():
             assert value == pytest.approx(hand[step - 1], rel=1e-12, abs=1e-15), (name, step)
     assert hand[0] > 2 * hand[-1]  # the norm falls as it learns: these are not all one value
+    # FSDP logs its model too (unsharded on rank 0; it once hung there until the ranks parted)
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    request.addfinalizer(lambda: mlflow.set_tracking_uri(None))  # later tests' default store
+    x = torch.linspace(-1, 1, 6, dtype=torch.float64).reshape(3, 2)  # 2 input features
+    outputs = {name: mlflow.pytorch.load_model(f"runs:/{runs[name].info.run_id}/model")(x)
+               for name in ("ddp", "fsdp")}
+    assert torch.allclose(outputs["fsdp"], outputs["ddp"], rtol=1e-12, atol=1e-12)
