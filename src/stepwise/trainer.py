@@ -194,13 +194,13 @@ class Trainer:
         """The total norm of the gradient about to be applied (after accumulation, the DDP
         all-reduce and unscaling), clipped to `grad_clip_norm` if set: a device tensor, computed
         only at logged steps when there is no clipping."""
-        logs, sharded = self.step_log.logs(step), self.replica.mode == "fsdp"
+        logs = self.step_log.logs(step)
         if self.settings.grad_clip_norm is not None:
             norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip_norm)
             if hasattr(norm, "full_tensor"):  # FSDP: the norm of shards, completed by every rank
                 return norm.full_tensor() if logs else None
             return norm
-        if logs and sharded:
+        if logs and self.step_log.partial_norms:  # FSDP without clipping
             # The squared norm of this rank's shards: the step log sums them over ranks in the
             # all-reduce that reads the losses (a DTensor norm here would cost a collective and
             # DTensor dispatch per logged step: 3% of a W7 step in benchmarks/fsdp.py).
