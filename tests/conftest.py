@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import select
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -71,17 +74,97 @@ def count_allreduce_rounds(ddp_model) -> list[int]:
     return rounds
 
 
+# Environment variables read when the interpreter or torch starts: a child of the fork server
+# (tests/cli_zygote.py) would not see them, so a command given one runs as a real subprocess.
+STARTUP_ENV = ("LD_", "PYTHON", "OMP_", "MKL_", "KMP_", "ONEDNN_", "DNNL_", "TORCH_", "CUDA_",
+               "MALLOC_", "GLIBC_")
+
+
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300,
-            check: bool = False, python_args: Sequence[str] = ()) -> subprocess.CompletedProcess:
+            check: bool = False, python_args: Sequence[str] = (),
+            fresh: bool = False) -> subprocess.CompletedProcess:
     """`python [python_args] train.py <args>` from `cwd`, with the tracking store defaulting to
-    `cwd`."""
+    `cwd`. It runs as a child of the fork server (tests/cli_zygote.py: torch, MLflow and Hydra
+    already imported) unless `fresh`, `python_args`, an interpreter-start variable in `env`, or
+    STEPWISE_TEST_FRESH=1 asks for a new interpreter."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
     full_env.update(env or {})
-    proc = subprocess.run([sys.executable, *python_args, str(ROOT / "train.py"), *args], cwd=cwd,
-                          env=full_env, capture_output=True, text=True, timeout=timeout)
+    argv = [str(ROOT / "train.py"), *args]
+    if (fresh or python_args or os.environ.get("STEPWISE_TEST_FRESH") == "1"
+            or any(k.startswith(STARTUP_ENV) and k != "PYTHONPATH" for k in env or {})):
+        proc = subprocess.run([sys.executable, *python_args, *argv], cwd=cwd, env=full_env,
+                              capture_output=True, text=True, timeout=timeout)
+    else:
+        proc = _zygote().run(argv, cwd=cwd, env=full_env, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+class _Zygote:
+    """The client of tests/cli_zygote.py: one server per test process, started on first use."""
+
+    def __init__(self):
+        import tempfile
+
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("MLFLOW_", "HYDRA_")) and k != "PYTHONPATH"}
+        read, write = os.pipe()
+        self.server = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "cli_zygote.py"), str(write)],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, pass_fds=(write,), text=True)
+        os.close(write)
+        self.answers, self.pending = read, b""
+        self.scratch = Path(tempfile.mkdtemp(prefix="cli-zygote-"))
+        if self._answer(timeout=300).get("ready") is not True:
+            raise RuntimeError("tests/cli_zygote.py did not start")
+
+    def _answer(self, timeout: float | None = None) -> dict:
+        """The server's next answer; {} if none came within `timeout` seconds."""
+        while b"\n" not in self.pending:
+            if not select.select([self.answers], [], [], timeout)[0]:
+                return {}
+            chunk = os.read(self.answers, 4096)
+            if not chunk:
+                raise RuntimeError("tests/cli_zygote.py exited")
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        return json.loads(line)
+
+    def run(self, argv: list[str], cwd: Path, env: dict, timeout: float):
+        out, err = self.scratch / "stdout", self.scratch / "stderr"
+        request = {"argv": argv, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err)}
+        self.server.stdin.write(json.dumps(request) + "\n")
+        self.server.stdin.flush()
+        pid = self._answer()["pid"]
+        answer = self._answer(timeout)
+        if not answer:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)  # the job and every process it started
+            self._answer()
+            raise subprocess.TimeoutExpired(argv, timeout, out.read_text(), err.read_text())
+        status = answer["status"]
+        return subprocess.CompletedProcess([sys.executable, *argv], status, out.read_text(),
+                                           err.read_text())
+
+    def close(self):
+        os.close(self.answers)
+        self.server.stdin.close()
+        self.server.wait(timeout=60)
+
+
+_SERVER: list[_Zygote] = []
+
+
+def _zygote() -> _Zygote:
+    if not _SERVER:
+        _SERVER.append(_Zygote())
+    return _SERVER[0]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    while _SERVER:
+        _SERVER.pop().close()
 
 
 @contextlib.contextmanager
