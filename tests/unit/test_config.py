@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from stepwise.build import build_model, build_optimizer
-from stepwise.data import build_data
-from stepwise.errors import ConfigError
-from stepwise.job import prepare
+from stepwise.contract.errors import ConfigError
+from stepwise.data.arrays import build_data
 from stepwise.main import CONF_DIR
+from stepwise.run.build import build_model, build_optimizer
+from stepwise.run.job import prepare
 from tests.conftest import compose_config
 
 GROUPS = ["model", "data", "parallel", "optim", "loss", "metrics", "lr_scaling", "trainer",
@@ -46,7 +46,7 @@ def test_every_option_composes_and_builds(override, tmp_path: Path):
     model = build_model(job.config, job.data)
     optimizer = build_optimizer(job.config, job.plan, model.parameters())
     if hasattr(job.data, "collate"):  # a user's Dataset: its samples through its collate
-        from stepwise.batches import call_model
+        from stepwise.data.batches import call_model
 
         dataset = job.data.train_set(torch.float32, 0)
         inputs, target = job.data.collate(torch.float32)([dataset[i] for i in range(3)])
