@@ -11,7 +11,6 @@ import torch
 
 from stepwise.data.batches import call_model, to_device
 from stepwise.models.losses import item_mask, masked_sum, per_sample
-from stepwise.tracking.tracker import scalars
 
 
 @torch.no_grad()
@@ -52,3 +51,11 @@ def evaluate(model, loader, loss, metrics: dict[str, Any] | None, replica, preci
         metric.reset()
         results.update(scalars(f"val/{name}", value))
     return results
+
+
+def scalars(name: str, value: Any) -> dict[str, float]:
+    """A metric's value as MLflow metrics: `name` for a scalar, `name/<i>` per element else."""
+    value = torch.as_tensor(value).detach().double().cpu()
+    if value.numel() == 1:
+        return {name: value.item()}
+    return {f"{name}/{i}": v for i, v in enumerate(value.flatten().tolist())}

@@ -259,10 +259,10 @@ class MlflowTracker:
                         self.tracking_uri, self.flush_timeout_s, spooled, spooled.parent)
 
     def log_model(self, module: Any, example: Any, **options: Any) -> str:
-        """Log `module` as an MLflow PyTorch model of the run (stepwise.run.model_log.log_model takes
+        """Log `module` as an MLflow PyTorch model of the run (stepwise.tracking.models.log_model takes
         `options`); the metrics logged so far are sent first (within `flush_timeout_s`), to be
         linked to it. Synchronous: it runs once training is over."""
-        from stepwise.run.model_log import log_model
+        from stepwise.tracking.models import log_model
 
         self.sync()
         return log_model(self.tracking_uri, self.run_id, module, example, **options)
@@ -288,13 +288,3 @@ def artifact_location(tracking_uri: str, experiment_name: str) -> str | None:
         return None
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment_name).strip("_") or "experiment"
     return (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts" / slug).as_uri()
-
-
-def scalars(name: str, value: Any) -> dict[str, float]:
-    """A metric's value as MLflow metrics: `name` for a scalar, `name/<i>` per element else."""
-    import torch
-
-    value = torch.as_tensor(value).detach().double().cpu()
-    if value.numel() == 1:
-        return {name: value.item()}
-    return {f"{name}/{i}": v for i, v in enumerate(value.flatten().tolist())}
