@@ -1,10 +1,12 @@
 """Structured-config schemas, registered in Hydra's ConfigStore so that typos and wrong types fail
-at composition. Each YAML option under `stepwise/conf/` names its schema in its defaults list.
+at composition. Each YAML option under `conf/` (the package `stepwise.conf`) names its schema in its
+defaults list.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,8 @@ from omegaconf import MISSING
 
 from stepwise.config.parallel_schemas import DDPConfig, DPConfig, FSDPConfig, ParallelConfig
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # inside the package: a wheel carries it
+# The package stepwise.conf (the checkout's conf/, mapped by pyproject.toml; a wheel carries it).
+CONF_DIR = Path(str(files("stepwise.conf")))
 
 # -- model ------------------------------------------------------------------------------------
 # Input and output sizes are not config: the data tells the model its shape when it is built.
