@@ -1,4 +1,4 @@
-"""Schemas of the `parallel` group (single, dp, ddp, fsdp), registered by stepwise.config."""
+"""Schemas of the `parallel` group (single, dp, ddp, fsdp), registered by stepwise.config.schemas."""
 
 from __future__ import annotations
 
