@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from stepwise.build import build_trainer
-from stepwise.dist_env import DistEnv
-from stepwise.distributed import start_replica, stop_replica
-from stepwise.job import prepare
-from stepwise.tracking import NullTracker
+from stepwise.contract.dist_env import DistEnv
+from stepwise.parallel.replica import start_replica, stop_replica
+from stepwise.run.build import build_trainer
+from stepwise.run.job import prepare
+from stepwise.tracking.tracker import NullTracker
 
 OVERRIDES = ["parallel=ddp", "parallel.nproc=2", "logger=none", "data=synthetic",
              "data.num_features=64", "data.train_samples=16384", "data.val_samples=0",

@@ -38,12 +38,12 @@ import torch
 import torch.multiprocessing as mp
 from torch.nn import functional as F
 
-from stepwise.build import build_trainer
-from stepwise.dist_env import DistEnv
-from stepwise.distributed import Replica, start_replica, stop_replica
-from stepwise.job import Job, prepare
-from stepwise.precision import AUTOCAST
-from stepwise.sampler import epoch_permutation
+from stepwise.contract.dist_env import DistEnv
+from stepwise.contract.sampler import epoch_permutation
+from stepwise.loop.precision import AUTOCAST
+from stepwise.parallel.replica import Replica, start_replica, stop_replica
+from stepwise.run.build import build_trainer
+from stepwise.run.job import Job, prepare
 
 # Full windows only (the hand-written loop drops an epoch's remainder too); no epoch budget.
 COMMON = ["trainer.progress_bar=false", "trainer.checkpoint_every_n_steps=0", "data.drop_last=true",
@@ -104,7 +104,7 @@ def steps_for(job: Job, seconds: float, replica: Replica) -> int:
 def run_stepwise(job: Job, replica: Replica, tracking_uri: str | None) -> float:
     """Seconds for stepwise's `fit` after its first optimizer step (the MLflow run is opened
     before; the first step, with any compilation, is not timed)."""
-    from stepwise.tracking import MlflowTracker, NullTracker
+    from stepwise.tracking.tracker import MlflowTracker, NullTracker
 
     tracker = NullTracker()
     if tracking_uri is not None and replica.is_main:

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from stepwise.build import build_model, build_optimizer
-from stepwise.sampler import epoch_permutation
-from stepwise.text import pad_collate
+from stepwise.contract.sampler import epoch_permutation
+from stepwise.data.text import pad_collate
+from stepwise.run.build import build_model, build_optimizer
 
 
 def run_handwritten_tokens(job, replica, steps: int, barrier) -> float:

@@ -16,10 +16,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from stepwise import cpu_isa
-from stepwise.config import give_user_groups_schemas
-from stepwise.job import Job, prepare
+from stepwise.config.schemas import give_user_groups_schemas
+from stepwise.loop import cpu_isa
 from stepwise.main import CONF_DIR
+from stepwise.run.job import Job, prepare
 
 # Tests autocast to bfloat16 and float16 on the CPU in this process: on a CPU that advertises AMX
 # but traps it, oneDNN must be capped before the first torch operation, as `python train.py` does.

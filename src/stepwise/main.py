@@ -13,10 +13,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 
-from stepwise.config import CONF_DIR, check_known_keys, give_user_groups_schemas, register_configs
-from stepwise.cpu_isa import guard_run
-from stepwise.errors import ConfigError
-from stepwise.signals import STOP, Stopped, stop_in
+from stepwise.config.schemas import CONF_DIR, check_known_keys, give_user_groups_schemas, register_configs
+from stepwise.contract.errors import ConfigError
+from stepwise.loop.cpu_isa import guard_run
+from stepwise.loop.signals import STOP, Stopped, stop_in
 
 log = logging.getLogger("stepwise")
 
@@ -25,7 +25,7 @@ register_configs()
 
 def _discard_empty_run_dir(run_dir: Path) -> None:
     """A run stopped by a config error leaves no directory behind, unless it holds real work."""
-    from stepwise.rundir import LOCK_FILE
+    from stepwise.run.rundir import LOCK_FILE
 
     leftovers = {p.name for p in run_dir.iterdir()} - {".hydra", LOCK_FILE,
                                                         f"{HydraConfig.get().job.name}.log"}
@@ -36,7 +36,7 @@ def _discard_empty_run_dir(run_dir: Path) -> None:
 def run(cfg: DictConfig) -> dict[str, float] | None:
     """Validate, plan, and (unless `dry_run`) train. Config errors exit 2 with one line; a stop
     signal exits 128 + the signal."""
-    from stepwise.dist_env import detect
+    from stepwise.contract.dist_env import detect
 
     STOP.install()  # a sweep's jobs (submitit) start here, not in main()
     started = time.time()
@@ -62,7 +62,7 @@ def run(cfg: DictConfig) -> dict[str, float] | None:
 
 def _stopped(stop: Stopped, run_dir: Path, started: float) -> str:
     """What a stopped job says: whether it saved a checkpoint (its own, since `started`)."""
-    from stepwise.checkpoint import step_files
+    from stepwise.run.checkpoint import step_files
 
     resume = f"run the same command with hydra.run.dir={run_dir} to resume (trainer.resume=auto)"
     newest = step_files(run_dir / "checkpoints")
@@ -75,9 +75,9 @@ def _stopped(stop: Stopped, run_dir: Path, started: float) -> str:
 
 
 def _run(cfg: DictConfig, run_dir: Path, rank: int) -> dict[str, float] | None:
-    from stepwise.dist_env import detect
-    from stepwise.job import prepare
-    from stepwise.sweep import sweep_job
+    from stepwise.contract.dist_env import detect
+    from stepwise.run.job import prepare
+    from stepwise.tracking.sweep import sweep_job
 
     try:
         give_user_groups_schemas(cfg)
@@ -117,8 +117,8 @@ def _config_error(err: Exception, run_dir: Path, rank: int) -> None:
 
 
 def _train(job, run_dir: Path, rank: int) -> dict[str, float]:
-    from stepwise.errors import RanksFailed, RunFailed
-    from stepwise.runner import execute
+    from stepwise.contract.errors import RanksFailed, RunFailed
+    from stepwise.run.runner import execute
 
     try:
         return execute(job, log_file=str(run_dir / f"{HydraConfig.get().job.name}.log"))
@@ -159,17 +159,17 @@ def main() -> None:
     """Run Hydra; report a composition error in one line (exit 2) unless HYDRA_FULL_ERROR is set.
 
     A stop signal (SIGTERM, SIGUSR2) at any moment ends the job with exit 128 + the signal."""
-    from stepwise.cli_errors import check_launcher
+    from stepwise.config.cli_errors import check_launcher
 
     if (message := check_launcher(sys.argv[1:])) is not None:  # Hydra would train here instead
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     STOP.install()
-    from stepwise.rundir import publish_none
+    from stepwise.run.rundir import publish_none
 
     try:
         if "RANK" in os.environ or "SLURM_PROCID" in os.environ:  # maybe one rank of several
-            from stepwise.rundir import rank_overrides
+            from stepwise.run.rundir import rank_overrides
 
             sys.argv += rank_overrides(sys.argv[1:], os.environ)
         _main()
@@ -196,7 +196,7 @@ def _main() -> None:
 
         if not isinstance(err, (ConfigCompositionException, OverrideParseException)):
             raise
-        from stepwise.cli_errors import one_line
+        from stepwise.config.cli_errors import one_line
 
         message = one_line(err, sys.argv[1:])
         if message is None:

@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
-from stepwise.job import Job
-from stepwise.runner import execute
-from stepwise.trainer import Trainer
+from stepwise.loop.trainer import Trainer
+from stepwise.run.job import Job
+from stepwise.run.runner import execute
 from tests.conftest import prepare_job, run_cli
 
 pytestmark = pytest.mark.cli

@@ -15,10 +15,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from stepwise.build import build_model
-from stepwise.checkpoint import load_checkpoint
-from stepwise.loaders import fetch
-from stepwise.sweep_report import CSV_NAME
+from stepwise.data.loaders import fetch
+from stepwise.run.build import build_model
+from stepwise.run.checkpoint import load_checkpoint
+from stepwise.tracking.sweep_report import CSV_NAME
 from tests.conftest import ROOT, prepare_job, run_cli
 
 pytestmark = [pytest.mark.cli, pytest.mark.slow]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from stepwise.checkpoint import load_checkpoint
+from stepwise.run.checkpoint import load_checkpoint
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.cli

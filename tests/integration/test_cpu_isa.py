@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from stepwise import cpu_isa
+from stepwise.loop import cpu_isa
 from tests.conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.cli

@@ -15,11 +15,11 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch.nn import functional as F
 
-from stepwise.build import build_trainer
-from stepwise.distributed import Replica
-from stepwise.sampler import epoch_permutation
-from stepwise.sweep_report import PNG_NAME, curve
-from stepwise.tracking import NullTracker
+from stepwise.contract.sampler import epoch_permutation
+from stepwise.parallel.replica import Replica
+from stepwise.run.build import build_trainer
+from stepwise.tracking.sweep_report import PNG_NAME, curve
+from stepwise.tracking.tracker import NullTracker
 from tests.conftest import prepare_job, run_cli
 
 pytestmark = pytest.mark.cli

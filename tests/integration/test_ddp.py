@@ -13,11 +13,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from stepwise.build import build_trainer
-from stepwise.checkpoint import load_checkpoint
-from stepwise.dist_env import DistEnv
-from stepwise.distributed import start_replica, stop_replica
-from stepwise.tracking import NullTracker
+from stepwise.contract.dist_env import DistEnv
+from stepwise.parallel.replica import start_replica, stop_replica
+from stepwise.run.build import build_trainer
+from stepwise.run.checkpoint import load_checkpoint
+from stepwise.tracking.tracker import NullTracker
 from tests.conftest import ROOT, count_allreduce_rounds, prepare_job, run_cli, run_two_ranks
 
 pytestmark = [pytest.mark.ddp, pytest.mark.cli]

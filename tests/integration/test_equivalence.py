@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from stepwise.build import build_trainer
-from stepwise.checkpoint import load_checkpoint
-from stepwise.distributed import Replica
-from stepwise.fit import train
-from stepwise.sampler import epoch_permutation
-from stepwise.tracking import NullTracker
+from stepwise.contract.sampler import epoch_permutation
+from stepwise.parallel.replica import Replica
+from stepwise.run.build import build_trainer
+from stepwise.run.checkpoint import load_checkpoint
+from stepwise.run.fit import train
+from stepwise.tracking.tracker import NullTracker
 from tests.conftest import prepare_job
 
 COMMON = ("logger=none", "trainer.precision=64", "trainer.progress_bar=false",
@@ -78,7 +78,7 @@ def test_the_end_of_run_check_fails_on_a_mismatch(tmp_path):
 
     import pytest
 
-    from stepwise.errors import PlanMismatch
+    from stepwise.contract.errors import PlanMismatch
 
     job = prepare_job(tmp_path, "logger=none", "trainer.progress_bar=false", "trainer.max_steps=5",
                       "schedule=cosine")

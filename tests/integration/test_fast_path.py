@@ -13,10 +13,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from stepwise.build import build_trainer
-from stepwise.checkpoint import load_checkpoint
-from stepwise.distributed import Replica
-from stepwise.tracking import NullTracker
+from stepwise.parallel.replica import Replica
+from stepwise.run.build import build_trainer
+from stepwise.run.checkpoint import load_checkpoint
+from stepwise.tracking.tracker import NullTracker
 from tests.conftest import ROOT, prepare_job, run_cli
 
 CPU = Replica("single", 0, 1, torch.device("cpu"))

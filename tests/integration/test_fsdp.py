@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from stepwise.build import build_trainer
-from stepwise.checkpoint import CheckpointError, latest_valid, load_checkpoint, read_valid
-from stepwise.dist_env import DistEnv
-from stepwise.distributed import Replica, start_replica, stop_replica
+from stepwise.contract.dist_env import DistEnv
 from stepwise.models import MLP
-from stepwise.tracking import NullTracker
+from stepwise.parallel.replica import Replica, start_replica, stop_replica
+from stepwise.run.build import build_trainer
+from stepwise.run.checkpoint import CheckpointError, latest_valid, load_checkpoint, read_valid
+from stepwise.tracking.tracker import NullTracker
 from tests.conftest import ROOT, prepare_job, run_cli, run_two_ranks
 from tests.integration.test_resume import _kill_after_first_checkpoint
 
@@ -131,7 +131,7 @@ def _measure(rank: int, tmp: str, queue) -> None:
     under fsdp and under ddp, in the same 2 processes."""
     import torch.distributed as dist
 
-    from stepwise.sharded import shard_units
+    from stepwise.parallel.fsdp import shard_units
 
     env = DistEnv(source="torchrun", rank=rank, local_rank=rank, world_size=2, local_world_size=2,
                   master_port=int(Path(tmp, "port").read_text()))

@@ -13,9 +13,9 @@ from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from stepwise.checkpoint import load_checkpoint
-from stepwise.distributed import Replica
-from stepwise.loaders import make_loaders
+from stepwise.data.loaders import make_loaders
+from stepwise.parallel.replica import Replica
+from stepwise.run.checkpoint import load_checkpoint
 from tests.conftest import prepare_job, run_cli
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
@@ -122,7 +122,7 @@ def test_every_model_and_data_pair_runs_one_step(model, data, tmp_path):
     overrides += MODELS[model] if model == "torchvision" else []
     image_model = model in ("cnn", "torchvision", "mobilenet")
     if image_model and data not in IMAGES:
-        from stepwise.errors import ConfigError
+        from stepwise.contract.errors import ConfigError
 
         with pytest.raises(ConfigError, match="needs images"):
             prepare_job(tmp_path, *overrides)

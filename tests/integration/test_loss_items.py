@@ -11,12 +11,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from stepwise.checkpoint import load_checkpoint
-from stepwise.distributed import Replica
-from stepwise.errors import EmptyWindow, PlanMismatch
-from stepwise.fit import train
-from stepwise.sampler import epoch_permutation
-from stepwise.tracking import NullTracker
+from stepwise.contract.errors import EmptyWindow, PlanMismatch
+from stepwise.contract.sampler import epoch_permutation
+from stepwise.parallel.replica import Replica
+from stepwise.run.checkpoint import load_checkpoint
+from stepwise.run.fit import train
+from stepwise.tracking.tracker import NullTracker
 from tests.conftest import ROOT, prepare_job, run_cli
 
 FIXTURES = ROOT / "tests" / "fixtures"

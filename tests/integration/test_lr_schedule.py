@@ -7,7 +7,7 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from stepwise.checkpoint import load_checkpoint
+from stepwise.run.checkpoint import load_checkpoint
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.cli

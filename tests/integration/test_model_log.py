@@ -12,9 +12,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from stepwise.build import build_model
-from stepwise.loaders import fetch
-from stepwise.model_log import UnsupportedInputs, log_model, positional
+from stepwise.data.loaders import fetch
+from stepwise.run.build import build_model
+from stepwise.tracking.models import UnsupportedInputs, log_model, positional
 from tests.conftest import ROOT, prepare_job
 
 sys.path.insert(0, str(ROOT / "tests" / "fixtures"))  # userpkg, as its configs name it

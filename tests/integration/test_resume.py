@@ -15,7 +15,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from stepwise.checkpoint import load_checkpoint, step_files
+from stepwise.run.checkpoint import load_checkpoint, step_files
 from tests.conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.cli

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from stepwise.checkpoint import load_checkpoint, step_files
+from stepwise.run.checkpoint import load_checkpoint, step_files
 from tests.conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.cli
@@ -112,7 +112,7 @@ def test_a_job_stopped_before_its_first_checkpoint_continues_its_mlflow_run(tmp_
     logs into the run it opened, and the store holds one run, not a KILLED one beside a new one."""
     from mlflow.tracking import MlflowClient
 
-    from stepwise.runner import open_run
+    from stepwise.run.runner import open_run
     from tests.conftest import prepare_job
 
     job = prepare_job(tmp_path, "trainer.max_steps=2")

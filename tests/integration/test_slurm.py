@@ -16,7 +16,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from stepwise.checkpoint import load_checkpoint
+from stepwise.run.checkpoint import load_checkpoint
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.slurm, pytest.mark.ddp]

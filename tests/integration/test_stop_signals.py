@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from stepwise.checkpoint import load_checkpoint, step_files
+from stepwise.run.checkpoint import load_checkpoint, step_files
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.cli

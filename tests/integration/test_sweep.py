@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from stepwise.sweep_report import CSV_NAME, PNG_NAME
+from stepwise.tracking.sweep_report import CSV_NAME, PNG_NAME
 from tests.conftest import ROOT, run_cli, serve_mlflow
 
 pytestmark = [pytest.mark.cli]

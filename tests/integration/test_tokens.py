@@ -11,13 +11,13 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from stepwise.build import build_trainer
-from stepwise.checkpoint import load_checkpoint
-from stepwise.dist_env import DistEnv
-from stepwise.distributed import Replica, start_replica, stop_replica
-from stepwise.fit import train
-from stepwise.sampler import epoch_permutation
-from stepwise.tracking import NullTracker
+from stepwise.contract.dist_env import DistEnv
+from stepwise.contract.sampler import epoch_permutation
+from stepwise.parallel.replica import Replica, start_replica, stop_replica
+from stepwise.run.build import build_trainer
+from stepwise.run.checkpoint import load_checkpoint
+from stepwise.run.fit import train
+from stepwise.tracking.tracker import NullTracker
 from tests.conftest import count_allreduce_rounds, prepare_job, run_cli, run_two_ranks
 
 # 101 = 3 x 32 + 5 sequences of 1-24 characters: every epoch ends with a window of 5, which in

@@ -3,7 +3,7 @@
 A real `mlflow server` on loopback is stopped at a known training step (the GatedMLP fixture
 waits at that forward until the test lets it go on): training continues at full speed while
 what it logs is kept and retried in the background; restarted, the server gets every value; never
-restarted, the job still ends with exit 0, and `python -m stepwise.replay` sends the rest later.
+restarted, the job still ends with exit 0, and `python -m stepwise.tracking.replay` sends the rest later.
 """
 
 from __future__ import annotations
@@ -116,14 +116,14 @@ def test_a_server_that_never_comes_back_loses_nothing_after_the_replay(tmp_path,
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     run_dir = workdir / "run"
-    assert f"python -m stepwise.replay {run_dir}" in out, out
+    assert f"python -m stepwise.tracking.replay {run_dir}" in out, out
     assert list((run_dir / "mlflow_unsent").glob("*.jsonl"))
 
     server.start()
     client, run = _the_run(server.uri)
     assert run.info.status == "RUNNING"  # the job's end has not reached the store yet
     assert len(_loss_steps(client, run.info.run_id)) < TOTAL_STEPS
-    replay = subprocess.run([sys.executable, "-m", "stepwise.replay", str(run_dir)],
+    replay = subprocess.run([sys.executable, "-m", "stepwise.tracking.replay", str(run_dir)],
                             capture_output=True, text=True, cwd=workdir,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert replay.returncode == 0, replay.stderr
@@ -136,7 +136,7 @@ def test_a_server_that_never_comes_back_loses_nothing_after_the_replay(tmp_path,
     assert run.data.metrics["global_step"] == TOTAL_STEPS
     assert "train.log" in {a.path for a in client.list_artifacts(run.info.run_id)}
     assert not list((run_dir / "mlflow_unsent").glob("*.jsonl"))
-    again = subprocess.run([sys.executable, "-m", "stepwise.replay", str(run_dir)],
+    again = subprocess.run([sys.executable, "-m", "stepwise.tracking.replay", str(run_dir)],
                            capture_output=True, text=True, cwd=workdir,
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert again.returncode == 2 and again.stderr.startswith("error: ")

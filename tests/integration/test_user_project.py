@@ -13,12 +13,12 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch.nn import functional as F
 
-from stepwise.build import build_trainer
-from stepwise.checkpoint import load_checkpoint
-from stepwise.distributed import Replica
-from stepwise.fit import train
-from stepwise.sampler import epoch_permutation
-from stepwise.tracking import NullTracker
+from stepwise.contract.sampler import epoch_permutation
+from stepwise.parallel.replica import Replica
+from stepwise.run.build import build_trainer
+from stepwise.run.checkpoint import load_checkpoint
+from stepwise.run.fit import train
+from stepwise.tracking.tracker import NullTracker
 from tests.conftest import ROOT, prepare_job, run_cli
 
 FIXTURES = ROOT / "tests" / "fixtures"

@@ -106,18 +106,25 @@ def _only_run(workdir: Path):
     return run
 
 
-def test_the_wheel_carries_the_config(wheel):
+def test_the_wheel_carries_the_code_and_the_config(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"stepwise/conf/config.yaml", "stepwise/conf/model/mlp.yaml",
-            "stepwise/conf/parallel/ddp.yaml"} <= names
-    assert not any(name.startswith(("tests/", "examples/", "src/")) for name in names)
+    # every module of every subpackage, and the checkout's conf/ as the package stepwise.conf
+    modules = {p.relative_to(ROOT / "src").as_posix() for p in (ROOT / "src" / "stepwise").rglob("*.py")}
+    config = {"stepwise/conf/" + p.relative_to(ROOT / "conf").as_posix()
+              for p in [*(ROOT / "conf").rglob("*.yaml"), ROOT / "conf" / "__init__.py"]}
+    assert {"stepwise/models/__init__.py", "stepwise/conf/config.yaml",
+            "stepwise/conf/model/mlp.yaml", "stepwise/conf/hydra/launcher/slurm.yaml"} <= names
+    assert modules <= names and config <= names, sorted((modules | config) - names)
+    assert not any(name.startswith(("tests/", "examples/", "src/", "conf/")) for name in names)
 
 
 def test_stepwise_is_imported_from_the_venv_not_the_checkout(venv, workdir):
-    proc = _run([str(venv / "bin" / "python"), "-c", "import stepwise; print(stepwise.__file__)"],
+    proc = _run([str(venv / "bin" / "python"), "-c", "import importlib.resources, stepwise; "
+                 "print(stepwise.__file__); print(importlib.resources.files('stepwise.conf'))"],
                 cwd=workdir, env=_env(venv))
-    imported = Path(proc.stdout.strip()).resolve()
-    assert venv.resolve() in imported.parents and ROOT not in imported.parents, imported
+    for line in proc.stdout.split():  # the package and its config
+        imported = Path(line).resolve()
+        assert venv.resolve() in imported.parents and ROOT not in imported.parents, imported
 
 
 def test_console_script_trains_the_builtin_job(venv, workdir):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stepwise.checkpoint import REQUIRED_KEYS, CheckpointError, read_valid
+from stepwise.run.checkpoint import REQUIRED_KEYS, CheckpointError, read_valid
 
 
 def _torch_bytes(payload, legacy: bool = False) -> bytes:

@@ -1,5 +1,5 @@
 """Composition errors as one line: a key of another option of its group is named as such, and a
-launcher or sweeper without -m is refused (stepwise.cli_errors)."""
+launcher or sweeper without -m is refused (stepwise.config.cli_errors)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from stepwise.cli_errors import check_launcher, chosen_option, known_keys, one_line
-from stepwise.config import DDPConfig, ParallelConfig, TorchvisionDataConfig
+from stepwise.config.cli_errors import check_launcher, chosen_option, known_keys, one_line
+from stepwise.config.schemas import DDPConfig, ParallelConfig, TorchvisionDataConfig
 from stepwise.main import CONF_DIR
 
 

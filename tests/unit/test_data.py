@@ -6,7 +6,7 @@ import importlib.util
 
 import numpy as np
 
-from stepwise.data import _digits_table
+from stepwise.data.arrays import _digits_table
 
 
 def test_digits_table_is_exactly_load_digits():

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from stepwise.config import DDPConfig, DPConfig, ParallelConfig
-from stepwise.dist_env import DistEnv, detect, first_host, tasks_per_node
-from stepwise.errors import ConfigError
-from stepwise.world import World, ddp_world, resolve_world, submitit_tasks_per_node
+from stepwise.config.schemas import DDPConfig, DPConfig, ParallelConfig
+from stepwise.contract.dist_env import DistEnv, detect, first_host, tasks_per_node
+from stepwise.contract.errors import ConfigError
+from stepwise.contract.world import World, ddp_world, resolve_world, submitit_tasks_per_node
 
 TORCHRUN = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
             "GROUP_RANK": "1", "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29400"}

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stepwise.errors import ConfigError
-from stepwise.items import item_plan
-from stepwise.plan import make_plan
-from stepwise.sampler import MicroBatchSampler
+from stepwise.contract.errors import ConfigError
+from stepwise.contract.items import item_plan
+from stepwise.contract.plan import make_plan
+from stepwise.contract.sampler import MicroBatchSampler
 
 
 class Data:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stepwise.losses import CrossEntropy, item_mask, mean_loss, per_sample
+from stepwise.models.losses import CrossEntropy, item_mask, mean_loss, per_sample
 
 
 def test_sample_targets_are_all_items_in_the_fused_and_the_per_sample_path():

@@ -9,13 +9,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from stepwise.best_child import Criterion, best_child, criterion, sweeper_direction
-from stepwise.config import ScheduleConfig
-from stepwise.errors import ConfigError
+from stepwise.config.schemas import ScheduleConfig
+from stepwise.contract.errors import ConfigError
+from stepwise.contract.monitor import Monitor, check_monitor
+from stepwise.contract.plan import make_plan
+from stepwise.contract.plan_check import mismatches, planned_counts
 from stepwise.main import objective
-from stepwise.monitor import Monitor, check_monitor
-from stepwise.plan import make_plan
-from stepwise.plan_check import mismatches, planned_counts
+from stepwise.tracking.best_child import Criterion, best_child, criterion, sweeper_direction
 
 NAN = math.nan
 # mode, patience, min_delta, values at steps 10, 20, ... -> best step, stopped at

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from mlflow.tracking import MlflowClient
 
-from stepwise import outbox as outbox_module
-from stepwise.outbox import Outbox, permanent, read_ops
-from stepwise.replay import main as replay_main
+from stepwise.tracking import outbox as outbox_module
+from stepwise.tracking.outbox import Outbox, permanent, read_ops
+from stepwise.tracking.replay import main as replay_main
 from tests.mlflow_server import free_port
 
 
@@ -84,7 +84,7 @@ def test_system_metrics_every_interval_and_none_at_zero(tmp_path):
     store, as a benchmark once did); a positive one samples until the run ends."""
     import threading
 
-    from stepwise.tracking import MlflowTracker
+    from stepwise.tracking.tracker import MlflowTracker
 
     def sampling() -> bool:
         return any(t.name == "stepwise-system-metrics" for t in threading.enumerate())

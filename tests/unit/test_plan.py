@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stepwise.errors import ConfigError
-from stepwise.plan import derive_accum, lr_scale_factor, make_plan
+from stepwise.contract.errors import ConfigError
+from stepwise.contract.plan import derive_accum, lr_scale_factor, make_plan
 
 # N, b, k, W, drop_last, partial_window, max_steps, max_epochs ->
 #   micro/epoch, steps/epoch, last window (micro, samples), dropped/epoch, total steps, total samples

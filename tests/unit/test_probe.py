@@ -1,5 +1,5 @@
 """Numeric keys against the range their component accepts: torch-free rules in `job.validate`
-(dry runs too), torch's own refusals through `stepwise.probe`, and warnings for legal slips."""
+(dry runs too), torch's own refusals through `stepwise.run.probe`, and warnings for legal slips."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from stepwise.errors import ConfigError
-from stepwise.job import prepare, validate
-from stepwise.probe import probe, probe_model, probe_optimizer
+from stepwise.contract.errors import ConfigError
+from stepwise.run.job import prepare, validate
+from stepwise.run.probe import probe, probe_model, probe_optimizer
 from tests.conftest import compose_config, prepare_job
 
 RULES = [

@@ -1,4 +1,4 @@
-"""Run names and command lines (stepwise/provenance.py)."""
+"""Run names and command lines (stepwise/tracking/provenance.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from stepwise.provenance import command_line, run_name
+from stepwise.tracking.provenance import command_line, run_name
 
 
 def test_a_run_is_named_by_its_overrides_without_hydra_ones():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from stepwise.plan import make_plan
-from stepwise.sampler import MicroBatchSampler, epoch_permutation
+from stepwise.contract.plan import make_plan
+from stepwise.contract.sampler import MicroBatchSampler, epoch_permutation
 
 
 def _plan(n, b, k, w, **kw):

@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from stepwise.errors import ConfigError
-from stepwise.plan import make_plan
-from stepwise.schedule import adapt_adam
+from stepwise.contract.errors import ConfigError
+from stepwise.contract.plan import make_plan
+from stepwise.contract.schedule import adapt_adam
 
 SCHEDULE = dict(name="constant", unit="epochs", warmup=0.0, warmup_start_factor=0.1, total=None,
                 min_lr_factor=0.0, milestones=[], gamma=0.1)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stepwise.config import FSDPConfig
-from stepwise.dist_env import DistEnv, detect
-from stepwise.errors import ConfigError
-from stepwise.lm import TinyLM
+from stepwise.config.schemas import FSDPConfig
+from stepwise.contract.dist_env import DistEnv, detect
+from stepwise.contract.errors import ConfigError
+from stepwise.contract.world import World, resolve_world, submitit_tasks_per_node
 from stepwise.models import MLP
-from stepwise.sharded import _by_name, check_shard_modules, mixed_precision, shard_units
-from stepwise.world import World, resolve_world, submitit_tasks_per_node
+from stepwise.models.lm import TinyLM
+from stepwise.parallel.fsdp import _by_name, check_shard_modules, mixed_precision, shard_units
 
 SRUN = {"SLURM_JOB_ID": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_STEP_ID": "0",
         "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4", "SLURM_TASKS_PER_NODE": "2(x2)",

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from stepwise.signals import STOP_SIGNALS, Stopped, StopSignals, stop_in
+from stepwise.loop.signals import STOP_SIGNALS, Stopped, StopSignals, stop_in
 
 
 @pytest.fixture

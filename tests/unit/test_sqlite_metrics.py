@@ -12,8 +12,8 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from stepwise.outbox import permanent
-from stepwise.sqlite_metrics import open_writer
+from stepwise.tracking.outbox import permanent
+from stepwise.tracking.sqlite_metrics import open_writer
 
 # Batches as a run sends them, with what the latest value depends on: steps out of order, one
 # step logged twice at different times, equal (step, timestamp) with different values, NaN and

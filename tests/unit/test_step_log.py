@@ -7,13 +7,13 @@ import logging
 import pytest
 import torch
 
-from stepwise.distributed import Replica
-from stepwise.errors import NonFiniteLoss
-from stepwise.item_tally import ItemTally
-from stepwise.plan import make_plan
-from stepwise.step_log import StepLog, log_interval, peak_memory, progress_line
-from stepwise.tracking import NullTracker
-from stepwise.trainer_parts import Counters, LoopSettings
+from stepwise.contract.errors import NonFiniteLoss
+from stepwise.contract.plan import make_plan
+from stepwise.loop.item_tally import ItemTally
+from stepwise.loop.step_log import StepLog, log_interval, peak_memory, progress_line
+from stepwise.loop.trainer_parts import Counters, LoopSettings
+from stepwise.parallel.replica import Replica
+from stepwise.tracking.tracker import NullTracker
 
 CPU = Replica("single", 0, 1, torch.device("cpu"))
 
@@ -130,7 +130,7 @@ def test_a_non_finite_loss_fails_at_the_next_read_naming_its_step():
 def test_the_progress_line_is_written_at_each_read(caplog):
     with caplog.at_level(logging.INFO, logger="stepwise"):
         _drive(LoopSettings(), {}, lines=True)
-    lines = [r.getMessage() for r in caplog.records if r.name == "stepwise.step_log"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "stepwise.loop.step_log"]
     assert lines == ["step 50/135 (37%) loss 0.0500 samples/s 3196 eta 0:00:01",
                      "step 100/135 (74%) loss 0.1000 samples/s 3196 eta 0:00:00",
                      "step 135/135 (100%) loss 0.1350 samples/s 3194 eta 0:00:00"]

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from stepwise import text
-from stepwise.lm import TinyLM
-from stepwise.text import PAD_ID, UNK_ID, VOCAB_SIZE, TinyText, decode, encode, pad_collate
+from stepwise.data import text
+from stepwise.data.text import PAD_ID, UNK_ID, VOCAB_SIZE, TinyText, decode, encode, pad_collate
+from stepwise.models.lm import TinyLM
 
 
 def test_the_corpus_and_a_dataset_are_the_same_when_built_again():
@@ -126,7 +126,7 @@ def test_tiny_lm_rejects_a_sequence_longer_than_its_context():
 
 def test_the_tinytext_experiment_composes_and_builds(tmp_path):
     """data=tinytext, model=tiny_lm and the experiment: one real batch, through the built loss."""
-    from stepwise.build import build_loss, build_model, build_optimizer
+    from stepwise.run.build import build_loss, build_model, build_optimizer
     from tests.conftest import prepare_job
 
     job = prepare_job(tmp_path, "experiment=tinytext_lm", "logger=none")

@@ -1,0 +1,54 @@
+"""The errors that end a run, each with its exit status: a user's mistake (ConfigError, 2), a run
+that did not do what it planned (PlanMismatch, NonFiniteLoss, RanksFailed: 1). A stop signal is
+`stepwise.loop.signals.Stopped` (128 + the signal)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+class ConfigError(ValueError):
+    """A bad value in the user's config, reported on one line before any work starts.
+
+    Args:
+        key: the dotted config key, as the user would type it on the command line.
+        value: the value it had.
+        problem: what is wrong with it.
+        fix: what to type instead.
+    """
+
+    exit_code = 2
+
+    def __init__(self, key: str, value: Any, problem: str, fix: str) -> None:
+        self.key, self.value, self.problem, self.fix = key, value, problem, fix
+        super().__init__(f"{key}={_show(value)}: {problem}; fix: {fix}")
+
+
+class RunFailed(RuntimeError):
+    """The run started and could not end as planned: it is marked FAILED, never reported fine."""
+
+    exit_code = 1
+
+
+class PlanMismatch(RunFailed):
+    """What was executed differs from the plan."""
+
+
+class NonFiniteLoss(RunFailed):
+    """`trainer.on_nonfinite=stop` and a window's loss was NaN or infinite."""
+
+
+class EmptyWindow(RunFailed):
+    """An optimizer-step window whose samples hold no loss item (every target is padding)."""
+
+
+class RanksFailed(RunFailed):
+    """A DDP worker failed; the message holds its error."""

@@ -1,0 +1,163 @@
+"""Starting DDP and FSDP ranks: spawn them through torch's elastic launcher (what torchrun uses)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import uuid
+
+from torch.distributed.elastic.multiprocessing import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
+
+from stepwise.contract.errors import RanksFailed
+from stepwise.loop.signals import STOP, STOP_SIGNALS, Stopped, stop_in
+from stepwise.run.job import Job
+
+log = logging.getLogger(__name__)
+
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+
+
+def spawn(job: Job, tracker, log_file: str | None) -> dict[str, float]:
+    """Run `job.world.nproc` DDP (or FSDP) workers on this node; return rank 0's final metrics.
+
+    The elastic launcher watches the workers: when one fails, it stops the others and raises
+    ChildFailedError with the failing rank's traceback (as torchrun would print it).
+    """
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    timeout = job.config.parallel.timeout_s
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=job.world.nproc, run_id=uuid.uuid4().hex,
+        rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", rdzv_configs={"timeout": timeout},
+        max_restarts=0, monitor_interval=0.1, start_method="spawn",
+        # SIGTERM/SIGUSR2 reach the workers, which finish their step and checkpoint meanwhile.
+        **_supported(LaunchConfig, shutdown_timeout=timeout,  # torch >= 2.12
+                     signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2"),  # torch >= 2.10
+    )
+    log.info("spawning %d %s workers (world_size=%d)", job.world.nproc, job.world.mode.upper(),
+             job.world.size)
+    run_id = getattr(tracker, "run_id", None)
+    uri = getattr(tracker, "tracking_uri", None)
+    # The launcher replaces the handlers of the signals it forwards, and does not put them back.
+    handlers = {signum: signal.getsignal(signum) for signum in (*STOP_SIGNALS, signal.SIGINT)}
+    if "signals_to_handle" not in _supported(LaunchConfig, signals_to_handle=None):  # torch < 2.10
+        signal.signal(signal.SIGUSR2, _raise_signal_exception)  # what >= 2.10 does for SIGUSR2
+    try:
+        results = elastic_launch(config, _worker)(job, run_id, uri, log_file)
+    except ChildFailedError as err:
+        codes = {failure.exitcode for failure in err.failures.values()}
+        # 128 + signal: a rank honoured a stop signal; -signal: it was still starting up
+        stopped = {code: s for s in STOP_SIGNALS for code in (128 + s, -s)}
+        if set(codes) <= set(stopped):
+            raise Stopped(stopped[min(codes, key=abs)],
+                          checkpointed=all(code > 0 for code in codes)) from None
+        raise RanksFailed(err.format_msg()) from None
+    except SignalException as err:
+        raise Stopped(int(err.sigval)) from None
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    steps = [int(results[rank]["global_step"]) for rank in sorted(results)]
+    log.info("global_step on each rank: %s (plan: %d)", steps, job.plan.total_optimizer_steps)
+    return results[0]
+
+
+def _raise_signal_exception(signum: int, frame) -> None:
+    """The elastic launcher's own handler: it stops the workers with this signal and re-raises."""
+    raise SignalException(f"Process {os.getpid()} got signal: {signum}",
+                          sigval=signal.Signals(signum))
+
+
+def _supported(cls, **options):
+    """The options that this torch's `cls` (a dataclass) knows."""
+    import dataclasses
+
+    fields = {field.name for field in dataclasses.fields(cls)}
+    return {key: value for key, value in options.items() if key in fields}
+
+
+@record
+def _worker(job: Job, run_id: str | None, tracking_uri: str | None,
+            log_file: str | None) -> dict[str, float]:
+    """One spawned rank: join the group, train, and log into the parent's MLflow run (rank 0)."""
+    from stepwise.contract.dist_env import detect
+    from stepwise.parallel.replica import start_replica, stop_replica
+    from stepwise.run.fit import train
+    from stepwise.run.resume import resume_state
+    from stepwise.tracking.outbox import UNSENT_DIR
+    from stepwise.tracking.tracker import MlflowTracker, NullTracker
+
+    STOP.install()
+    _die_with_parent()
+    world = job.world.joined(detect(os.environ))
+    _configure_logging(world.rank, log_file)
+    _share_cpu_threads(world.nproc, job.config.trainer.device)
+    try:
+        replica = start_replica(world, job.config.parallel, job.config.trainer.device)
+    except BaseException as err:
+        if (stop := stop_in(err)) is None:
+            raise
+        os._exit(128 + stop.signum)  # stopped while joining the group: nothing to leave
+    try:
+        tracker = NullTracker()
+        if replica.is_main and run_id is not None:
+            tracker = MlflowTracker(tracking_uri, job.config.logger.experiment_name, run_id=run_id,
+                                    spool_dir=job.run_dir / UNSENT_DIR,
+                                    flush_timeout_s=job.config.logger.flush_timeout_s)
+        try:
+            result = train(job, replica, tracker, resume_state(job))
+        finally:
+            tracker.close()  # what it logged is sent (or spooled) before this process ends
+    except BaseException as err:
+        stop = stop_in(err)
+        # After a checkpoint every rank is at the same step and they leave the group together;
+        # otherwise each rank is somewhere else: leave without a collective.
+        stop_replica(replica, failed=stop is None or not stop.checkpointed)
+        if stop is None:
+            raise
+        # Leave now: a returning elastic worker would wait for its launcher to collect the
+        # result, while the launcher, shutting down, waits for it to exit.
+        logging.shutdown()
+        os._exit(128 + stop.signum)
+    stop_replica(replica)
+    return result
+
+
+def _share_cpu_threads(nproc: int, device: str) -> None:
+    """Ranks on the CPU share this node's cores: each takes its share of intra-op threads (as
+    torchrun does by setting OMP_NUM_THREADS=1), instead of every rank using all of them. With 2
+    ranks on 2 cores, oversubscribed threads made tinytext_lm's DDP steps about 4x slower."""
+    import torch
+
+    if "OMP_NUM_THREADS" in os.environ or (device != "cpu" and torch.cuda.is_available()):
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, (cores or 1) // nproc))
+    log.info("%d CPU cores for %d DDP ranks: %d intra-op threads per rank", cores, nproc,
+             torch.get_num_threads())
+
+
+def _die_with_parent() -> None:
+    """A worker whose launching process is killed (even with SIGKILL) gets SIGKILL too, on Linux:
+    no orphan keeps training, or writing checkpoints, behind a dead job."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def _configure_logging(rank: int, log_file: str | None) -> None:
+    """Spawned processes start without Hydra's logging: rank 0 logs to the console and the job
+    log, other ranks only warnings."""
+    root = logging.getLogger()
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if rank == 0 and log_file:
+        handlers.append(logging.FileHandler(log_file))
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(handler)

@@ -1,0 +1,65 @@
+"""The models a finished run logs to MLflow: the final one, and with `trainer.monitor` the best
+one (checkpoints/best.pt's weights), registered as `logger.register_model`. The MLflow format
+itself (torch.export, the signature) is `stepwise.tracking.models`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import nn
+
+from stepwise.tracking.models import BEST_NAME, MODEL_NAME, UnsupportedInputs
+
+log = logging.getLogger(__name__)
+
+
+def log_run_models(job: Any, model: nn.Module, tracker: Any, global_step: int) -> None:
+    """At the end of a run that trained fine, on the process that holds the model: log the final
+    model, and with `trainer.monitor` the best one (best.pt's weights); register the best one
+    (else the final one) as `logger.register_model`.
+
+    The model is part of the record, but the run's weights are safe in its checkpoints: a
+    failure to log it is reported (error line) and the run stays FINISHED, as long as
+    checkpoints/last.pt exists; without it the error is raised (the run ends FAILED).
+    `model` is moved to the CPU: the run is over.
+    """
+    from stepwise.data.loaders import fetch
+    from stepwise.loop.precision import param_dtype
+    from stepwise.run.checkpoint import BEST_FILE, load_checkpoint
+
+    cfg = job.config
+    if not cfg.logger.log_model or tracker.run_id is None:
+        return
+    checkpoints = job.run_dir / "checkpoints"
+    best = checkpoints / BEST_FILE if cfg.trainer.monitor is not None else None
+    register = cfg.logger.register_model
+    try:
+        example, _ = fetch(job.data, param_dtype(cfg.trainer.precision), cfg.seed,
+                           list(range(min(2, job.data.train_samples))))
+        model = model.cpu().eval()
+        uri = tracker.log_model(model, example, name=MODEL_NAME, step=global_step,
+                                registered_model_name=None if best else register)
+        log.info("final model logged to MLflow: %s", uri)
+        if best is None:
+            return
+        if not best.exists():
+            log.warning("no evaluation gave a finite %s: no best model to log",
+                        cfg.trainer.monitor)
+            return
+        state = load_checkpoint(best)
+        model.load_state_dict(state["model"])
+        uri = tracker.log_model(model, example, name=BEST_NAME, step=state["global_step"],
+                                registered_model_name=register)
+        log.info("best model (%s=%.6g at global_step %d) logged to MLflow: %s", state["monitor"],
+                 state["best_value"], state["global_step"], uri)
+    except UnsupportedInputs as err:
+        log.warning("the model is not logged to MLflow: %s; its weights are in %s", err,
+                    checkpoints)
+    except Exception as err:
+        if not (checkpoints / "last.pt").exists():
+            raise
+        log.error("the model could not be logged to MLflow (%s: %s); the run's weights are in "
+                  "%s", type(err).__name__, str(err).strip().splitlines()[0][:300] if str(err)
+                  else "", checkpoints)
