@@ -162,6 +162,16 @@ def _zygote() -> _Zygote:
     return _SERVER[0]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests under tests/unit are marked `unit`; the SLURM tests share one xdist worker, as the
+    local cluster runs one 2-task job at a time (with `-n 2 --dist loadgroup`)."""
+    for item in items:
+        if "tests/unit/" in item.nodeid:
+            item.add_marker(pytest.mark.unit)
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+
+
 def pytest_sessionfinish(session, exitstatus):
     while _SERVER:
         _SERVER.pop().close()

@@ -160,8 +160,20 @@ def key_exists(key: str) -> bool:
     return any(_has(getattr(composed(f"{group}={option}"), group), parts) for option in likely)
 
 
+def _is_module(name: str) -> bool:
+    """`parallel.fsdp.gradient_sync` names code (stepwise.parallel.fsdp), not a config key."""
+    import importlib.util
+
+    module = "stepwise." + ".".join(name.split(".")[:2])
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def doc_keys(path: Path) -> list[str]:
-    return sorted({m.group(1) + m.group(2) for span in _code_spans(path) for m in KEY.finditer(span)})
+    keys = {m.group(1) + m.group(2) for span in _code_spans(path) for m in KEY.finditer(span)}
+    return sorted(key for key in keys if not _is_module(key))
 
 
 def doc_selections(path: Path) -> list[tuple[str, str]]:
