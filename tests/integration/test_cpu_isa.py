@@ -72,7 +72,7 @@ def test_the_suite_runs_bf16_where_amx_traps(trapping_env):
 
 def test_the_probe_is_cached_per_machine(trapping_env, tmp_path):
     env = {**trapping_env, "XDG_CACHE_HOME": str(tmp_path)}
-    code = "from stepwise import cpu_isa; print(cpu_isa.amx_traps())"
+    code = "from stepwise.loop import cpu_isa; print(cpu_isa.amx_traps())"
     first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert first.stdout.strip() == "True", first.stderr
     [cached] = list((tmp_path / "stepwise").glob("cpu-amx-bfloat16-*.json"))

@@ -23,19 +23,37 @@ pytestmark = [pytest.mark.slurm, pytest.mark.ddp]
 START = "start one with `bash scripts/slurm-local/up.sh` (as root; scripts/slurm-local/README.md)"
 
 
-def _slurm_up() -> bool:
-    if shutil.which("sinfo") is None:
-        return False
+def _node_states() -> str | None:
+    """The nodes' states as sinfo gives them (idle, mix, alloc, comp, drain, ...), or None."""
     proc = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
-    return proc.returncode == 0 and ("idle" in proc.stdout or "mix" in proc.stdout)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def _slurm_up(patience_s: float = 120) -> tuple[bool, str | None]:
+    """Whether a node takes jobs. A node still busy with an earlier job (alloc, comp), or a
+    slurmctld too loaded to answer sinfo at once, is waited for, up to `patience_s`, rather than
+    taken for a cluster that is down."""
+    if shutil.which("sinfo") is None:
+        return False, None
+    deadline = time.monotonic() + patience_s
+    while True:
+        states = _node_states()
+        if states is not None and ("idle" in states or "mix" in states):
+            return True, states
+        busy = states is None or any(s in states for s in ("alloc", "comp"))
+        if not busy or time.monotonic() > deadline:
+            return False, states
+        time.sleep(1)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def slurm_cluster():
-    if not _slurm_up():
+    up, states = _slurm_up()
+    if not up:
+        seen = f" (sinfo: {states})" if states else ""
         if os.environ.get("STEPWISE_REQUIRE_SLURM") == "1":
-            pytest.fail(f"STEPWISE_REQUIRE_SLURM=1 but no SLURM cluster answers (sinfo): {START}")
-        pytest.skip(f"no SLURM cluster answers (sinfo): {START}")
+            pytest.fail(f"STEPWISE_REQUIRE_SLURM=1 but no SLURM node takes jobs{seen}: {START}")
+        pytest.skip(f"no SLURM node takes jobs{seen}: {START}")
 
 
 def _srun(workdir: Path, *args: str, tasks: int = 2) -> subprocess.CompletedProcess:
