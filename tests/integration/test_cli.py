@@ -69,7 +69,7 @@ def test_default_job_trains_and_logs_the_run(workdir):
 
 def test_accum_and_batch_size_give_effective_batch_128(workdir):
     run_cli("accum=8", "data.batch_size=16", "trainer.max_epochs=2", "lr_scaling=linear",
-            "trainer.log_every_n_steps=1", cwd=workdir, check=True)
+            "trainer.log_every_n_steps=1", "logger.log_model=false", cwd=workdir, check=True)
     client, run = _only_run(workdir)
     params = run.data.params
     assert (params["effective_batch_size"], params["accum"], params["per_device_batch_size"]) == (
@@ -95,7 +95,7 @@ def test_linreg_accum_experiment_matches_batch_40(workdir):
     """The textbook demonstration: batch 10 x accum 4 == batch 40, per epoch and in the weights."""
     runs = {}
     for name, args in {"b10k4": [], "b40k1": ["data.batch_size=40", "accum=1"]}.items():
-        run_cli("experiment=linreg_accum", f"logger.run_name={name}",
+        run_cli("experiment=linreg_accum", f"logger.run_name={name}", "logger.log_model=false",
                 f"hydra.run.dir=outputs/{name}", *args, cwd=workdir, check=True)
         runs[name] = load_checkpoint(workdir / "outputs" / name / "checkpoints" / "last.pt")
     client = _client(workdir)

@@ -43,6 +43,7 @@ def test_a_sweep_gets_dense_curves_and_an_x_for_every_validation_point(workdir):
     """The issue's sweep: 135 and 36 optimizer steps used to give 3 and 1 train/loss points,
     and 2 of 3 val/loss points had no train/samples_seen."""
     proc = run_cli("-m", "accum=1,4", "trainer.max_epochs=3", "hydra.sweep.dir=multirun/s",
+                   "logger.log_model=false",
                    cwd=workdir, check=True)
     client, runs = _runs(workdir)
     children = {run.data.params["accum"]: run for run in runs.values()
@@ -74,7 +75,7 @@ def test_a_sweep_gets_dense_curves_and_an_x_for_every_validation_point(workdir):
 def test_reading_the_losses_later_logs_the_values_of_reading_every_step(workdir):
     """Auto-interval logging (every 2nd of 225 steps, read every ~50) against reading every
     step (the old `log_every_n_steps=1`): the same values at the same steps, same weights."""
-    common = ("trainer.max_epochs=5", "trainer.progress_bar=false")
+    common = ("trainer.max_epochs=5", "trainer.progress_bar=false", "logger.log_model=false")
     run_cli(*common, "trainer.log_every_n_steps=1", "trainer.flush_every_n_steps=1",
             "logger.run_name=every", "hydra.run.dir=outputs/every", cwd=workdir, check=True)
     run_cli(*common, "logger.run_name=auto", "hydra.run.dir=outputs/auto", cwd=workdir,

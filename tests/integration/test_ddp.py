@@ -49,7 +49,7 @@ def test_ddp_factorings_end_with_the_single_process_weights(workdir):
         "ddp_b8_k8": ["parallel=ddp", "parallel.nproc=2", "data.batch_size=8", "accum=8"],
     }.items():
         run_cli(*logged, *args, f"hydra.run.dir=outputs/{name}", f"logger.run_name={name}",
-                "trainer.log_every_n_steps=1", cwd=workdir, check=True)
+                "trainer.log_every_n_steps=1", "logger.log_model=false", cwd=workdir, check=True)
         checkpoint = load_checkpoint(workdir / "outputs" / name / "checkpoints" / "last.pt")
         assert checkpoint["plan"]["effective_batch_size"] == 128
         assert checkpoint["global_step"] == 18  # 6 steps per epoch (5 x 128 + 5) x 3
@@ -104,7 +104,7 @@ def test_one_allreduce_round_per_optimizer_step(tmp_path, sync_every, expected_r
 
 def test_parallel_ddp_accum_8_is_one_job(workdir):
     proc = run_cli("parallel=ddp", "accum=8", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
-                   cwd=workdir, check=True)
+                   "logger.log_model=false", cwd=workdir, check=True)
     run_dirs = list(workdir.glob("outputs/*/*/.hydra"))
     assert len(run_dirs) == 1
     client, runs = _runs(workdir)

@@ -91,7 +91,8 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 EXACT = ("trainer.precision=64", "model.hidden_sizes=[32]", "optim.momentum=0.9",
-         "optim.lr=0.05", "trainer.max_epochs=2", "trainer.progress_bar=false")
+         "optim.lr=0.05", "trainer.max_epochs=2", "trainer.progress_bar=false",
+         "logger.log_model=false")
 
 
 def test_auto_batch_size_halves_on_out_of_memory_and_trains_the_same(workdir):

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.cli
 COMMON = ("data=synthetic", "data.train_samples=1024", "data.val_samples=64",
           "trainer.log_every_n_steps=1",
           "trainer.max_epochs=3", "schedule=cosine", "schedule.warmup=1", "lr_scaling=linear",
-          "lr_scaling.base_batch_size=64", "optim.lr=0.05", "trainer.progress_bar=false")
+          "lr_scaling.base_batch_size=64", "optim.lr=0.05", "trainer.progress_bar=false",
+          "logger.log_model=false")
 
 
 def _curves(workdir, names):

@@ -32,22 +32,23 @@ def test_a_run_says_where_it_came_from(tmp_path):
     launch, store = tmp_path / "launch", tmp_path / "store"
     launch.mkdir()
     uri = f"sqlite:///{store / 'mlflow.db'}"
-    proc = run_cli("trainer.max_epochs=1", "accum=2", f"logger.tracking_uri={uri}",
+    proc = run_cli("trainer.max_epochs=1", "accum=2", "logger.log_model=false",
+                   f"logger.tracking_uri={uri}",
                    "logger.system_metrics_interval_s=0.5", cwd=launch, check=True)
     client, run = _only_run(uri)
     # MLflow 3's UI opens on GenAI pages: the link asks for the model-training view of the run
     assert (f"in the UI: http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/"
             f"{run.info.run_id}?workflowType=machine_learning") in proc.stdout + proc.stderr
     tags = run.data.tags
-    assert run.info.run_name == f"trainer.max_epochs=1 accum=2 logger.tracking_uri={uri} " \
-                                "logger.system_metrics_interval_s=0.5"
+    assert run.info.run_name == f"trainer.max_epochs=1 accum=2 logger.log_model=false " \
+                                f"logger.tracking_uri={uri} logger.system_metrics_interval_s=0.5"
     assert tags["mlflow.source.git.commit"] == _git("rev-parse", "HEAD", cwd=ROOT)
     assert tags["mlflow.source.git.branch"] == _git("rev-parse", "--abbrev-ref", "HEAD", cwd=ROOT)
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no", cwd=ROOT))
     assert tags["stepwise.git.dirty"] == str(dirty).lower()
     assert tags["mlflow.user"] and tags["mlflow.source.type"] == "LOCAL"
     assert tags["stepwise.command"] == (f"python {ROOT / 'train.py'} trainer.max_epochs=1 accum=2 "
-                                        f"logger.tracking_uri={uri} "
+                                        f"logger.log_model=false logger.tracking_uri={uri} "
                                         "logger.system_metrics_interval_s=0.5")
     # digits: N=1438, b=32, k=2 -> E=64, 23 steps in the one epoch
     assert tags["mlflow.note.content"].startswith(

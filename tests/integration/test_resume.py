@@ -22,6 +22,7 @@ pytestmark = pytest.mark.cli
 
 # 4 epochs of digits at b=16, k=2: 45 windows per epoch (the last one partial), 180 steps.
 JOB = ("trainer.max_epochs=4", "data.batch_size=16", "accum=2", "trainer.precision=64",
+       "logger.log_model=false",
        "trainer.log_every_n_steps=1",
        "trainer.checkpoint_every_n_steps=7", "trainer.progress_bar=false",
        "model.hidden_sizes=[64]")

@@ -53,7 +53,8 @@ def colours_drawn(png: Path) -> list[str]:
 
 def test_basic_sweep_is_one_parent_with_a_child_per_job(workdir):
     proc = run_cli("-m", "accum=1,2,4", "trainer.max_epochs=1", "trainer.progress_bar=false",
-                   "trainer.log_every_n_steps=1", "hydra.sweep.dir=multirun/accum", cwd=workdir,
+                   "trainer.log_every_n_steps=1", "hydra.sweep.dir=multirun/accum", "logger.log_model=false",
+                   cwd=workdir,
                    check=True)
     client, parent, children = sweep_runs(f"sqlite:///{workdir / 'mlflow.db'}")
     assert parent.info.status == "FINISHED", proc.stderr
@@ -111,6 +112,7 @@ def test_local_launcher_ddp_sweep(store, workdir, request):
     run_cli("-m", "hydra/launcher=local", "parallel=ddp", "parallel.nproc=2", "accum=1,4",
             "trainer.max_epochs=1", "trainer.progress_bar=false", f"logger.tracking_uri={uri}",
             f"logger.experiment_name=local-{store}", "hydra.sweep.dir=multirun/local",
+            "logger.log_model=false",
             cwd=workdir, check=True)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(f"local-{store}")
@@ -155,7 +157,8 @@ def test_optuna_search_minimises_val_loss(workdir):
     the smallest final val/loss among them (the value train.py returns to the sweeper)."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     run_cli("-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", "trainer.max_epochs=1",
-            "trainer.progress_bar=false", "hydra.sweep.dir=multirun/optuna", cwd=workdir,
+            "trainer.progress_bar=false", "hydra.sweep.dir=multirun/optuna", "logger.log_model=false",
+            cwd=workdir,
             check=True)
     client, parent, children = sweep_runs(f"sqlite:///{workdir / 'mlflow.db'}")
     assert len(children) == 3 and parent.info.status == "FINISHED"
