@@ -4,6 +4,7 @@ setup:
 	bash scripts/setup.sh
 train: setup
 	.venv/bin/python train.py $(ARGS)
+PYTEST_ARGS ?= -n 2
 test: setup
 	.venv/bin/python -m pytest $(PYTEST_ARGS)
 lint: setup

@@ -74,6 +74,7 @@ CASES = [
 ]
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("args,expected", CASES, ids=[" ".join(a) for a, _ in CASES])
 def test_bad_input_is_one_clear_line(args, expected, workdir):
     proc = run_cli(*args, cwd=workdir)

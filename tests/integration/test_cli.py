@@ -67,6 +67,7 @@ def test_default_job_trains_and_logs_the_run(workdir):
     assert "effective_batch_size (E=b*k*W)  32" in proc.stdout + proc.stderr
 
 
+@pytest.mark.smoke
 def test_accum_and_batch_size_give_effective_batch_128(workdir):
     run_cli("accum=8", "data.batch_size=16", "trainer.max_epochs=2", "lr_scaling=linear",
             "trainer.log_every_n_steps=1", "logger.log_model=false", cwd=workdir, check=True)
@@ -91,6 +92,7 @@ def test_effective_batch_size_derives_accum(workdir):
     assert not (workdir / "mlflow.db").exists()  # dry runs touch no tracking store
 
 
+@pytest.mark.smoke
 def test_linreg_accum_experiment_matches_batch_40(workdir):
     """The textbook demonstration: batch 10 x accum 4 == batch 40, per epoch and in the weights."""
     runs = {}

@@ -102,6 +102,7 @@ def test_one_allreduce_round_per_optimizer_step(tmp_path, sync_every, expected_r
     assert results == [(0, expected_rounds, 4, 32), (1, expected_rounds, 4, 32)]
 
 
+@pytest.mark.smoke
 def test_parallel_ddp_accum_8_is_one_job(workdir):
     proc = run_cli("parallel=ddp", "accum=8", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
                    "logger.log_model=false", cwd=workdir, check=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.nn import functional as F
 
@@ -27,6 +28,7 @@ def _final_weights(tmp_path, b: int, k: int) -> dict[str, torch.Tensor]:
     return checkpoint["model"]
 
 
+@pytest.mark.smoke
 def test_factorings_of_64_end_with_the_same_weights(tmp_path):
     reference = _final_weights(tmp_path, 64, 1)
     initial = prepare_job(tmp_path / "init", *COMMON)
@@ -39,6 +41,7 @@ def test_factorings_of_64_end_with_the_same_weights(tmp_path):
     assert (reference["0.weight"] - torch.nn.Linear(64, 32).weight.double()).abs().max() > 1e-2
 
 
+@pytest.mark.smoke
 def test_each_step_is_the_mean_loss_gradient_over_its_window(tmp_path):
     job = prepare_job(tmp_path, "logger=none", "trainer.precision=64", "trainer.progress_bar=false",
                       "model.hidden_sizes=[16]", "optim.momentum=0.0", "optim.lr=0.5",

@@ -98,6 +98,7 @@ def test_padding_the_loss_keeps_is_warned_of_without_stated_counts(workdir):
     assert len(warned) == 1, proc.stdout[-3000:]
 
 
+@pytest.mark.smoke
 @pytest.mark.cli
 def test_items_seen_is_logged_and_planned(workdir):
     env = {"PYTHONPATH": f"{FIXTURES}:{ROOT}"}

@@ -125,6 +125,7 @@ def test_sigterm_stops_cleanly_and_resumes_elastically_on_one_rank(workdir):
     assert sorted(steps) == list(range(1, 181))
 
 
+@pytest.mark.smoke
 def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(workdir):
     args = (*JOB, "trainer.max_epochs=1", "trainer.keep_checkpoints=3")
     run_cli(*args, "hydra.run.dir=outputs/whole", cwd=workdir, check=True)

@@ -30,6 +30,7 @@ def imported_packages(workdir, *overrides: str) -> set[str]:
     return {name.split(".")[0] for name in json.loads(out.read_text())}
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("overrides", [["dry_run=true"], ["dry_run=true", "logger=none"]])
 def test_a_dry_run_imports_none_of_the_heavy_packages(workdir, overrides):
     packages = imported_packages(workdir, *overrides)

@@ -51,6 +51,7 @@ def colours_drawn(png: Path) -> list[str]:
     return present
 
 
+@pytest.mark.smoke
 def test_basic_sweep_is_one_parent_with_a_child_per_job(workdir):
     proc = run_cli("-m", "accum=1,2,4", "trainer.max_epochs=1", "trainer.progress_bar=false",
                    "trainer.log_every_n_steps=1", "hydra.sweep.dir=multirun/accum", "logger.log_model=false",
