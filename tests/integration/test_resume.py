@@ -184,7 +184,7 @@ def test_an_unreachable_tracking_server_is_reported_quickly(workdir):
 
 def test_concurrent_jobs_share_the_sqlite_store(workdir):
     procs = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), "trainer.max_epochs=2",
-                               "trainer.log_every_n_steps=1",
+                               "trainer.log_every_n_steps=1", "logger.log_model=false",
                                f"seed={i}", f"logger.run_name=job{i}",
                                f"hydra.run.dir=outputs/job{i}"],
                               cwd=workdir, env=_env(), stdout=subprocess.PIPE,
