@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-.}"
 PYTHON=${PYTHON:-.venv/bin/python}
-# An MLflow server with basic auth (README, "A tracking server on a cluster"): the credentials
+# An MLflow server with basic auth (docs/tracking.md, "A tracking server on a cluster"): the credentials
 # come from a file only you can read, never from the command line, where ps and SLURM's
 # accounting show them. srun passes the environment on to every task.
 creds=${STEPWISE_MLFLOW_ENV:-$HOME/.config/stepwise/mlflow.env}

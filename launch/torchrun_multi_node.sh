@@ -7,7 +7,7 @@
 # use a shared file system for outputs/ and an MLflow server (logger.tracking_uri=http://...)
 # that every node can reach on the internal network, with basic auth: export
 # MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD on every node from a file only you can read
-# (README, "A tracking server on a cluster"), not on the command line.
+# (docs/tracking.md, "A tracking server on a cluster"), not on the command line.
 set -euo pipefail
 : "${NNODES:?set NNODES}" "${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port}"
 NPROC=${NPROC:-$(python -c 'import torch; print(torch.cuda.device_count() or 1)')}

@@ -266,7 +266,7 @@ def shoot_overview(page, base: str, sweep: Sweep, run_name: str, path: Path) -> 
 
 
 def take_screenshots(launch_dir: Path, out: Path) -> list[Path]:
-    """The README's three screenshots of the sweep stored in `launch_dir`, written to `out`."""
+    """The three screenshots of docs/tracking.md of the sweep stored in `launch_dir`, written to `out`."""
     sweep = read_sweep(launch_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "sweep_runs.png", out / "sweep_charts.png", out / "run_overview.png"]
