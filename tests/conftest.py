@@ -163,18 +163,10 @@ def _zygote() -> _Zygote:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests under tests/unit are marked `unit`. With `-n 2 --dist loadgroup`, the SLURM tests share
-    one worker (the local cluster runs one 2-task job at a time), and so do the tests of a module
-    that use one of its module-scoped fixtures (a wheel in a venv, a server, shared runs), which
-    each worker would otherwise build again."""
+    """Tests under tests/unit are marked `unit`."""
     for item in items:
         if "tests/unit/" in item.nodeid:
             item.add_marker(pytest.mark.unit)
-        if item.get_closest_marker("slurm"):
-            item.add_marker(pytest.mark.xdist_group("slurm"))
-        elif any(defs[-1].scope == "module"
-                 for defs in item._fixtureinfo.name2fixturedefs.values()):
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
 
 
 def pytest_sessionfinish(session, exitstatus):

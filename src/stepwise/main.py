@@ -165,7 +165,7 @@ def main() -> None:
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     STOP.install()
-    from stepwise.run.rundir import publish_none
+    from stepwise.run.rundir import publish_none, wait_for_readers
 
     try:
         if "RANK" in os.environ or "SLURM_PROCID" in os.environ:  # maybe one rank of several
@@ -180,6 +180,7 @@ def main() -> None:
         sys.exit(128 + stop.signum)
     finally:
         publish_none()  # rank 0 stopped before naming the run directory: the others stop too
+        wait_for_readers()  # ... and its store must outlive their reading it
 
 
 def _main() -> None:

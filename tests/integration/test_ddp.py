@@ -190,8 +190,6 @@ SLURM_TWO_TASKS = {"SLURM_JOB_ID": "77", "SLURM_PROCID": "0", "SLURM_LOCALID": "
     (["parallel=ddp", "parallel.backend=nccl"], {}, "parallel.backend=nccl: NCCL needs CUDA"),
     (["parallel=ddp", "parallel.backend=mpi"], {}, "parallel.backend=mpi: unknown value"),
     (["parallel=ddp", "parallel.nproc=0"], {}, "parallel.nproc=0: must be at least 1"),
-    (["parallel=ddp", "parallel.nproc=4"], SLURM_TWO_TASKS,
-     "parallel.nproc=4: the SLURM allocation started 2 processes per node"),
     (["parallel=ddp", "parallel.nnodes=2"], {}, "parallel.nnodes=2: stepwise spawns processes"),
 ])
 def test_bad_parallel_input(args, env, expected, workdir):
@@ -202,6 +200,26 @@ def test_bad_parallel_input(args, env, expected, workdir):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0] and "fix:" in lines[0], proc.stderr
     assert not (workdir / "mlflow.db").exists()
+
+
+def test_a_refused_srun_job_waits_for_a_rank_slower_than_the_refusal(workdir):
+    """Under srun, rank 0 hosts the store that tells the other ranks the run directory. A job
+    refused before any work must keep it until every rank has read it: a rank 1 that starts only
+    after rank 0 has printed its refusal (a loaded machine) exits 2 at once, instead of waiting 5
+    minutes for a store that is gone."""
+    args = ["parallel=ddp", "parallel.nproc=4", "dry_run=true"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
+    rank0 = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=workdir,
+                             env={**env, **SLURM_TWO_TASKS}, stderr=subprocess.PIPE, text=True)
+    first = rank0.stderr.readline()  # rank 0's refusal: rank 1 has not even started
+    assert first.startswith("error: parallel.nproc=4: the SLURM allocation started 2 processes "
+                            "per node") and "fix:" in first, first
+    rank1 = run_cli(*args, cwd=workdir, timeout=120,
+                    env={**SLURM_TWO_TASKS, "SLURM_PROCID": "1", "SLURM_LOCALID": "1"})
+    assert rank1.returncode == 2 and rank1.stderr == "", rank1.stderr  # rank 0 speaks for the job
+    rest = rank0.communicate(timeout=120)[1]
+    assert rank0.returncode == 2 and rest == "", rest  # one line in all
+    assert not (workdir / "mlflow.db").exists() and not list(workdir.glob("outputs/*/*/plan.json"))
 
 
 def test_two_simulated_nodes_through_launch_script(workdir):

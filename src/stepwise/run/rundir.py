@@ -16,6 +16,7 @@ import fcntl
 import os
 import socket
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -29,6 +30,8 @@ from stepwise.contract.errors import ConfigError
 
 LOCK_FILE = ".stepwise.lock"
 STORE_TIMEOUT = timedelta(seconds=300)  # how long ranks wait for rank 0 to name the directory
+# How long rank 0, whose process hosts the store, waits at its end for ranks yet to read it.
+READ_PATIENCE_S = 60.0
 _held: dict[Path, int] = {}  # run directory -> file descriptor holding its lock
 _store: dict[str, Any] = {}  # rank 0 of a launched job: the store to publish the directory in
 
@@ -89,9 +92,11 @@ def rank_overrides(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
         return []
     store = _connect(dist, env)
     if dist.rank == 0:
-        _store.update(store=store, key=_store_key(env))
+        hosted = env.get("TORCHELASTIC_USE_AGENT_STORE") != "True"  # else torchrun's agent's
+        _store.update(store=store, key=_store_key(env), readers=dist.world_size - 1 if hosted else 0)
         return []
     run_dir = store.get(_store_key(env)).decode()
+    store.add(_store_key(env) + "/read", 1)  # once all have read, rank 0 (the store) may end
     if not run_dir:
         sys.exit(2)  # rank 0 stopped before training and has said why
     return [f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
@@ -101,14 +106,28 @@ def publish(run_dir: str) -> None:
     """Rank 0: tell the other ranks the run directory ("": there will be none)."""
     store = _store.pop("store", None)
     if store is not None:
-        store.set(_store.pop("key"), run_dir)
-        _store["published"] = store  # keep the server alive for init_process_group
+        key = _store.pop("key")
+        store.set(key, run_dir)
+        _store.update(published=store, read_key=f"{key}/read")  # alive for init_process_group
 
 
 def publish_none() -> None:
     """Rank 0 leaves without having named a directory: the other ranks stop too."""
     if "store" in _store:
         publish("")
+
+
+def wait_for_readers(patience_s: float = READ_PATIENCE_S) -> None:
+    """Rank 0, whose process hosts the store (srun): before it ends, and the store with it, wait
+    until every other rank has read the directory, or `patience_s` has passed. A rank slower to
+    start than rank 0 is to refuse the job would otherwise wait STORE_TIMEOUT for a store that is
+    gone (seen under load: an srun of a refused job hung for 5 minutes)."""
+    store, readers = _store.get("published"), _store.get("readers", 0)
+    if store is None or not readers:
+        return
+    deadline = time.monotonic() + patience_s
+    while store.add(_store["read_key"], 0) < readers and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 class RunDirCallback(Callback):
