@@ -29,6 +29,21 @@ for _dtype in ("bfloat16", "float16"):
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_global_store_put_back():
+    """`mlflow.set_tracking_uri` also sets $MLFLOW_TRACKING_URI, which stepwise reads when
+    `logger.tracking_uri` is null: a test that loads a model through MLflow's global store
+    would send every later test of its worker process to that store."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(before)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def compose_config(*overrides: str):
     """The typed Config that `python train.py <overrides>` would get."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -139,7 +139,7 @@ def _hand_norms(tmp_path: Path) -> list[float]:
     return norms
 
 
-def test_grad_norm_is_the_norm_of_the_gradient_applied(workdir, request):
+def test_grad_norm_is_the_norm_of_the_gradient_applied(workdir):
     """After accumulation (b=10, k=4), after the DDP all-reduce and over FSDP's shards (b=10,
     k=2, W=2; each rank's squared share summed with the losses): the norm of the window's
     whole gradient, at the logged steps only."""
@@ -158,7 +158,6 @@ def test_grad_norm_is_the_norm_of_the_gradient_applied(workdir, request):
     assert hand[0] > 2 * hand[-1]  # the norm falls as it learns: these are not all one value
     # FSDP logs its model too (unsharded on rank 0; it once hung there until the ranks parted)
     mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
-    request.addfinalizer(lambda: mlflow.set_tracking_uri(None))  # later tests' default store
     x = torch.linspace(-1, 1, 6, dtype=torch.float64).reshape(3, 2)  # 2 input features
     outputs = {name: mlflow.pytorch.load_model(f"runs:/{runs[name].info.run_id}/model")(x)
                for name in ("ddp", "fsdp")}

@@ -31,8 +31,7 @@ BAG = ("hydra.searchpath=[pkg://userpkg.conf]", "experiment=seqs", "logger=none"
                                               (BAG, {"tokens": ("int64", (-1, -1)),
                                                      "mask": ("bool", (-1, -1))})],
                          ids=["token_ids", "mapping"])
-def test_token_and_mapping_models_load_back_with_the_same_outputs(tmp_path, overrides, inputs,
-                                                                 request):
+def test_token_and_mapping_models_load_back_with_the_same_outputs(tmp_path, overrides, inputs):
     job = prepare_job(tmp_path, *overrides)
     torch.manual_seed(0)
     model = build_model(job.config, job.data).eval()
@@ -43,7 +42,6 @@ def test_token_and_mapping_models_load_back_with_the_same_outputs(tmp_path, over
     model_uri = log_model(uri, run_id, model, example, name="model", step=7)
     assert model_uri.startswith("models:/")
     mlflow.set_tracking_uri(uri)
-    request.addfinalizer(lambda: mlflow.set_tracking_uri(None))  # later tests' default store
     loaded = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
     spec = mlflow.models.get_model_info(model_uri).signature.inputs.to_dict()
     assert {s["name"]: (s["tensor-spec"]["dtype"], s["tensor-spec"]["shape"]) for s in spec} == inputs
