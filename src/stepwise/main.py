@@ -31,6 +31,12 @@ def _discard_empty_run_dir(run_dir: Path) -> None:
                                                         f"{HydraConfig.get().job.name}.log"}
     if not leftovers:
         shutil.rmtree(run_dir, ignore_errors=True)
+        # ... nor the folders Hydra made for it (outputs/<date>/), when they hold nothing else
+        top = Path(HydraConfig.get().runtime.cwd).resolve()
+        for parent in run_dir.resolve().parents:
+            if parent == top or top not in parent.parents or any(parent.iterdir()):
+                break
+            parent.rmdir()
 
 
 def run(cfg: DictConfig) -> dict[str, float] | None:
