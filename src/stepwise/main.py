@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import hydra
@@ -117,6 +118,8 @@ def _config_error(err: Exception, run_dir: Path, rank: int) -> None:
         if isinstance(err, MissingMandatoryValue):
             err = ConfigError(err.full_key, "???", "has no value (the config marks it ???)",
                               f"set {err.full_key}=...")
+        if os.environ.get("STEPWISE_FULL_ERROR") and err.__cause__ is not None:
+            traceback.print_exception(err.__cause__)  # the user's HYDRA_FULL_ERROR=1
         print(f"error: {err}", file=sys.stderr)
         _discard_empty_run_dir(run_dir)
     sys.exit(2)
@@ -191,6 +194,7 @@ def main() -> None:
 
 def _main() -> None:
     if os.environ.get("HYDRA_FULL_ERROR"):
+        os.environ["STEPWISE_FULL_ERROR"] = "1"  # a component's error shows its traceback too
         _hydra_main()
         return
     # Ask Hydra to re-raise instead of printing, so that composition errors can be reported in one
@@ -200,8 +204,9 @@ def _main() -> None:
         _hydra_main()
     except Exception as err:
         from hydra.errors import ConfigCompositionException, OverrideParseException
+        from yaml import YAMLError
 
-        if not isinstance(err, (ConfigCompositionException, OverrideParseException)):
+        if not isinstance(err, (ConfigCompositionException, OverrideParseException, YAMLError)):
             raise
         from stepwise.config.cli_errors import one_line
 

@@ -153,4 +153,95 @@ def test_a_component_that_does_not_fit_is_one_line(args, expected, workdir):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.startswith("error: " + expected), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    assert not (workdir / "mlflow.db").exists() and not list(workdir.glob("outputs/*/*/*.pt"))
+    assert not (workdir / "mlflow.db").exists() and not (workdir / "outputs").exists()
+
+
+# Each mistake a user can make in a component's config, at any depth: Hydra's refusal of a key
+# (judged by the option the experiment chose and its _target_'s signature), a required argument
+# not set, a constructor that raises, a _target_ that is no class or function, a search path or
+# YAML file that is wrong.
+MISTAKES = [
+    (["model.dimm=32"], "model.dimm=32: userpkg.models.GRUClassifier takes no such argument; "
+     "fix: did you mean model.dim?"),
+    (["data.train.sizee=3"], "data.train.sizee=3: userpkg.data.Sequences takes no such argument; "
+     "fix: did you mean data.train.size?"),
+    (["data.train.min_len=3"], "data.train.min_len=3: userpkg.data.Sequences takes min_len, but "
+     "the config does not set it, so Hydra has no such key to override; fix: "
+     "+data.train.min_len=3 adds it"),
+    (["loss.gammma=2"], "loss.gammma=2: userpkg.losses.Focal takes no such argument; fix: did "
+     "you mean loss.gamma?"),
+    (["metrics.f1.averagee=macro"], "metrics.f1.averagee=macro: no such key in metrics.f1 "
+     "(torchmetrics.classification.f_beta.MulticlassF1Score); fix: did you mean "
+     "metrics.f1.average? (+metrics.f1.averagee=macro passes a new argument)"),
+    (["data.collate_fn.pad_idd=0"], "data.collate_fn.pad_idd=0: userpkg.data.pad_collate takes "
+     "no such argument; fix: did you mean data.collate_fn.pad_id?"),
+    (["data.num_workers=2"], "data.num_workers=2: data=seqs does not set num_workers, so Hydra "
+     "has no such key to override (a data group of yours takes it); fix: +data.num_workers=2"),
+    (["data.batch_sizee=2"], "data.batch_sizee=2: no such key for data=seqs; fix: did you mean "
+     "data.batch_size?"),
+    (["model.hidden_sizes=[8]"], "model.hidden_sizes=[8]: userpkg.models.GRUClassifier takes no "
+     "such argument; fix: remove it; userpkg.models.GRUClassifier takes dim, num_outputs, "
+     "vocab_size"),
+    (["~model.dim"], "model.dim=???: userpkg.models.GRUClassifier needs dim (it has no default), "
+     "and the config does not set it; fix: set it in the option's YAML, or add +model.dim=..."),
+    (["~data.train.size"], "data.train.size=???: userpkg.data.Sequences needs size"),
+    (["data.collate_fn._partial_=false"], "data.collate_fn.samples=???: userpkg.data.pad_collate "
+     "needs samples (it has no default), and the config does not set it; fix: add _partial_: "
+     "true to data.collate_fn's YAML"),
+    (["model.dim=0"], "model=userpkg.models.GRUClassifier(vocab_size=8, dim=0, num_outputs=2): "
+     "building it raised ValueError at torch/nn/modules/rnn.py:"),
+    (["data.train.size=-3"], "data.train=userpkg.data.Sequences(size=-3, seed=0): building it "
+     f"raised RuntimeError at {FIXTURES / 'userpkg' / 'data.py'}:"),
+    (["+metrics.f1.averagee=macro"], "metrics.f1=torchmetrics.classification.f_beta."
+     "MulticlassF1Score(average='macro', averagee='macro', num_classes=2): building it raised "
+     "ValueError at torchmetrics/metric.py:"),
+    (["model._target_=userpkg.models"], "model._target_=userpkg.models: userpkg.models is a "
+     "module, not a class or function; fix: name one in it (BagOfTokens, GRUClassifier"),
+]
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("args,expected", MISTAKES, ids=[" ".join(a) for a, _ in MISTAKES])
+def test_a_mistake_in_a_user_component_is_one_line(args, expected, workdir):
+    proc = run_cli(SEARCHPATH, "experiment=gru", "dry_run=true", *args, cwd=workdir, env=ENV)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: " + expected), proc.stderr[-3000:]
+    assert "fix: " in lines[0] and "Traceback" not in proc.stdout + proc.stderr
+    assert not (workdir / "outputs").exists()
+
+
+@pytest.mark.cli
+def test_mistakes_in_the_config_files_and_the_search_path_are_one_line(workdir):
+    (workdir / "conf" / "model").mkdir(parents=True)
+    (workdir / "conf" / "model" / "broken.yaml").write_text("_target_: x.Y\ndim: 16\n vocab: [8\n")
+    (workdir / "conf" / "model" / "untargeted.yaml").write_text("dim: 16\nvocab_size: 8\n")
+    both = f"hydra.searchpath=[file://{workdir / 'conf'},pkg://userpkg.conf]"
+    for args, expected in [
+        ([both, "model=broken"], f"{workdir / 'conf' / 'model' / 'broken.yaml'}:3:7: not valid "
+         "YAML (mapping values are not allowed here); fix: correct the file"),
+        ([both, "model=untargeted"], "model._target_=null: a component needs the dotted import "
+         "path of its class or function; fix: write e.g. _target_: mypkg.models.Net"),
+        (["hydra.searchpath=[pkg://userpkgs.conf]"], "hydra.searchpath=pkg://userpkgs.conf: no "
+         "package userpkgs.conf is importable, so its config groups are not found; fix: install "
+         "your package, or put it on the Python path (PYTHONPATH)"),
+        ([f"hydra.searchpath=[file://{workdir / 'confs'}]"], f"hydra.searchpath=file://"
+         f"{workdir / 'confs'}: no directory {workdir / 'confs'}, so its config groups are not "
+         "found"),
+    ]:
+        proc = run_cli(*args, "experiment=gru", "dry_run=true", cwd=workdir, env=ENV)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        # (after Hydra's own warning, for a search path: "path=... is not available")
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: " + expected), proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
+    assert not (workdir / "outputs").exists()
+
+
+@pytest.mark.cli
+def test_hydra_full_error_shows_the_traceback_of_a_component_that_raised(workdir):
+    proc = run_cli(SEARCHPATH, "experiment=gru", "dry_run=true", "model.dim=0", cwd=workdir,
+                   env={**ENV, "HYDRA_FULL_ERROR": "1"})
+    assert proc.returncode == 2
+    assert "Traceback" in proc.stderr and "ValueError: input_size must be greater than zero" in \
+        proc.stderr and proc.stderr.strip().splitlines()[-1].startswith("error: model=")

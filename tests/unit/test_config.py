@@ -102,7 +102,7 @@ def _targets(node, key: str = ""):
 def _resolves(key: str, target: str) -> None:
     """Hydra's `_locate` (what `instantiate` uses) and stepwise's `components.locate` (what
     `components.build` uses) find the same object."""
-    from stepwise.data.vision import torchvision
+    from stepwise.config.vision_import import torchvision
 
     torchvision()  # importable next to a CPU torch (as stepwise imports it before transforms)
     found = _locate(target)

@@ -12,6 +12,7 @@ import re
 import shlex
 from collections.abc import Sequence
 
+import yaml
 from hydra.errors import MissingConfigException, OverrideParseException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
@@ -34,8 +35,6 @@ def option_keys(group: str, schema: type) -> list[str]:
 
 def default_option(group: str) -> str | None:
     """The group's option in conf/config.yaml's defaults list (`single` for parallel)."""
-    import yaml
-
     from stepwise.config.schemas import CONF_DIR
 
     defaults = yaml.safe_load((CONF_DIR / "config.yaml").read_text()).get("defaults", [])
@@ -43,9 +42,13 @@ def default_option(group: str) -> str | None:
                 None)
 
 
-def chosen_option(group: str, schema: type | None, argv: Sequence[str]) -> str:
-    """The option of `group` this run composed: the schema of the node Hydra could not find the
-    key in (set by experiments too), named by the command line, else by conf/config.yaml."""
+def chosen_option(group: str, schema: type | None, argv: Sequence[str],
+                  composed: str | None = None) -> str:
+    """The option of `group` this run composed: `composed` (the choice of the config composed
+    without the refused key), else the schema of the node Hydra could not find the key in (set
+    by experiments too), named by the command line, else by conf/config.yaml."""
+    if composed is not None and composed in SCHEMAS[group]:
+        return composed
     typed = _value_of(group, argv)
     named = [name for name, node in SCHEMAS[group].items() if node is schema] if schema else []
     if not named:
@@ -64,12 +67,13 @@ REFUSED = {("parallel.device_ids", "fsdp"): (
     "CUDA_VISIBLE_DEVICES which GPUs")}
 
 
-def _option_key(key: str, schema: type | None, argv: Sequence[str]) -> str:
+def _option_key(key: str, schema: type | None, argv: Sequence[str],
+                composed: str | None = None) -> str:
     """No such key in a group of several options: name the option that has it, if one does
     (`parallel.timeout_s` is parallel=ddp's), else the nearest key and whose it is."""
     group, value = key.partition(".")[0], _value_of(key, argv)
     options = SCHEMAS[group]
-    chosen = chosen_option(group, schema, argv)
+    chosen = chosen_option(group, schema, argv, composed)
     if (key, chosen) in REFUSED:
         why, fix = REFUSED[key, chosen]
         return f"{key}={value}: {why}; fix: {fix}"
@@ -97,10 +101,18 @@ def _option_key(key: str, schema: type | None, argv: Sequence[str]) -> str:
 
 
 def no_such_key(key: str, schema: type | None, argv: Sequence[str]) -> str:
-    """The line for a key that the composed config lacks; `schema`: the node's, from Hydra."""
+    """The line for a key that the composed config lacks; `schema`: the node's, from Hydra.
+
+    A key of a user's option, or of a component node deeper down, is judged by the config
+    composed without it (stepwise.config.composed); a key of a stepwise option by the schemas."""
+    from stepwise.config.composed import choice, compose_without, refused_key_line
+
     group, _, name = key.partition(".")
+    composed = compose_without(key, argv)
+    if composed is not None and (line := refused_key_line(key, _value_of(key, argv), composed)):
+        return line
     if group in SCHEMAS and len(SCHEMAS[group]) > 1 and name and "." not in name:
-        return _option_key(key, schema, argv)
+        return _option_key(key, schema, argv, choice(composed, group))
     keys = launcher_keys() if key.startswith("hydra.launcher.") else known_keys()
     close = difflib.get_close_matches(key, [k for k in keys if k != key], n=1, cutoff=0.6)
     fix = f"did you mean {close[0]}?" if close else "check the key's spelling"
@@ -136,6 +148,32 @@ def launcher_keys() -> list[str]:
                    for f in dataclasses.fields(conf) if not f.name.startswith("_")})
 
 
+def missing_search_path(argv: Sequence[str]) -> str | None:
+    """The line for an entry of `hydra.searchpath` that names nothing (Hydra skips it, and
+    then finds no option of the user's), or None."""
+    import importlib.util
+    from pathlib import Path
+
+    entries = _value_of("hydra.searchpath", argv).strip("[]")
+    for entry in filter(None, (e.strip().strip("'\"") for e in entries.split(","))):
+        scheme, _, where = entry.partition("://")
+        if scheme == "pkg":
+            try:
+                found = importlib.util.find_spec(where) is not None
+            except ModuleNotFoundError:
+                found = False
+            what = f"no package {where} is importable"
+            fix = "install your package, or put it on the Python path (PYTHONPATH)"
+        elif scheme == "file":
+            found, what = Path(where).is_dir(), f"no directory {where}"
+            fix = "give the directory of your config groups"
+        else:
+            continue
+        if not found:
+            return f"hydra.searchpath={entry}: {what}, so its config groups are not found; fix: {fix}"
+    return None
+
+
 def _value_of(key: str, argv: Sequence[str]) -> str:
     for arg in argv:
         name, sep, value = arg.lstrip("+~").partition("=")
@@ -146,11 +184,17 @@ def _value_of(key: str, argv: Sequence[str]) -> str:
 
 def one_line(err: Exception, argv: Sequence[str]) -> str | None:
     """The one-line message for a composition error, or None if it is not one we know."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        return (f"{mark.name}:{mark.line + 1}:{mark.column + 1}: not valid YAML ({err.problem}); "
+                "fix: correct the file")
     if isinstance(err, MissingConfigException):
         found = re.search(r"Could not find '([^']+)/([^'/]+)'", str(err))
         if not found:
             return None
         group, option = found.groups()
+        if (missing := missing_search_path(argv)) is not None:
+            return missing
         options = list(err.options or re.findall(r"^\t(\S+)$", str(err), flags=re.M))
         return (f"{group}={option}: no such {group} option; "
                 f"fix: use one of {', '.join(options)}")

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from stepwise.config.vision_import import torchvision
 from stepwise.contract.errors import ConfigError
-from stepwise.data.vision import torchvision
 
 KINDS = ("fake", "imagefolder", "mnist", "cifar10")
 

@@ -64,7 +64,7 @@ def torchvision_model(input_shape: tuple[int, ...], num_outputs: int, name: str,
     `num_classes` and `in_channels` follow the data; when set, `probe.check_model` has checked that
     they agree with it.
     """
-    from stepwise.data.vision import torchvision
+    from stepwise.config.vision_import import torchvision
 
     model = torchvision().models.get_model(name, weights=weights, num_classes=num_outputs)
     channels = input_shape[0]

@@ -89,7 +89,7 @@ def build_metrics(config: Any, data: Any) -> dict[str, Any] | None:
     nodes = metrics_nodes(config, data)
     if not nodes:
         return {}
-    from stepwise.data.vision import torchvision
+    from stepwise.config.vision_import import torchvision
 
     torchvision()  # torchmetrics imports torchvision, which needs this next to a CPU-only torch
     from torchmetrics import Metric

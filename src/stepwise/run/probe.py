@@ -89,7 +89,7 @@ def check_model(model_cfg: Any, data: Any, data_name: str) -> None:
                           "use data=fake|imagefolder|mnist|cifar10, data.image_shape=[3,32,32] with "
                           "data=synthetic, or model=mlp")
     if hasattr(model_cfg, "name"):
-        from stepwise.data.vision import torchvision
+        from stepwise.config.vision_import import torchvision
 
         names = torchvision().models.list_models()
         if value not in names:
