@@ -1,6 +1,8 @@
 """The models a finished run logs to MLflow: the final one, and with `trainer.monitor` the best
 one (checkpoints/best.pt's weights), registered as `logger.register_model`. The MLflow format
-itself (torch.export, the signature) is `stepwise.tracking.models`.
+itself (a torch.export program, else the pickled module; the signature) is
+`stepwise.tracking.models`: the line that reports a model says its form, and for a pickled one
+why and what loading it needs.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from stepwise.tracking.models import BEST_NAME, MODEL_NAME, UnsupportedInputs
+from stepwise.tracking.models import BEST_NAME, MODEL_NAME
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +41,9 @@ def log_run_models(job: Any, model: nn.Module, tracker: Any, global_step: int) -
         example, _ = fetch(job.data, param_dtype(cfg.trainer.precision), cfg.seed,
                            list(range(min(2, job.data.train_samples))))
         model = model.cpu().eval()
-        uri = tracker.log_model(model, example, name=MODEL_NAME, step=global_step,
-                                registered_model_name=None if best else register)
-        log.info("final model logged to MLflow: %s", uri)
+        logged = tracker.log_model(model, example, name=MODEL_NAME, step=global_step,
+                                   registered_model_name=None if best else register)
+        log.info("final model logged to MLflow%s", logged.describe())
         if best is None:
             return
         if not best.exists():
@@ -50,13 +52,10 @@ def log_run_models(job: Any, model: nn.Module, tracker: Any, global_step: int) -
             return
         state = load_checkpoint(best)
         model.load_state_dict(state["model"])
-        uri = tracker.log_model(model, example, name=BEST_NAME, step=state["global_step"],
-                                registered_model_name=register)
-        log.info("best model (%s=%.6g at global_step %d) logged to MLflow: %s", state["monitor"],
-                 state["best_value"], state["global_step"], uri)
-    except UnsupportedInputs as err:
-        log.warning("the model is not logged to MLflow: %s; its weights are in %s", err,
-                    checkpoints)
+        logged = tracker.log_model(model, example, name=BEST_NAME, step=state["global_step"],
+                                   registered_model_name=register)
+        log.info("best model (%s=%.6g at global_step %d) logged to MLflow%s", state["monitor"],
+                 state["best_value"], state["global_step"], logged.describe())
     except Exception as err:
         if not (checkpoints / "last.pt").exists():
             raise

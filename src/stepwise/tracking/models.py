@@ -1,11 +1,17 @@
 """A trained model in MLflow's format: the bare module, on the CPU, in eval mode, logged as an MLflow
 PyTorch model with its signature, so that `mlflow.pytorch.load_model(model_uri)` gives it back.
 
-MLflow 3 saves PyTorch models as `torch.export` programs ("pt2") by default, and refuses to load
-pickled ones unless MLFLOW_ALLOW_PICKLE_DESERIALIZATION is set: stepwise logs pt2. torch.export
-takes tensors only, so a model called as `model(**inputs)` (mapping batches) is logged behind
-an adapter that takes the mapping's tensors positionally, in the signature's order. The batch
-dimension is variable, and so is the second dimension of integer inputs (token ids: the sequence).
+MLflow 3 saves PyTorch models as `torch.export` programs ("pt2") by default: stepwise logs pt2,
+which loads without the model's code. torch.export takes tensors only, so a model called as
+`model(**inputs)` (mapping batches) is logged behind an adapter that takes the mapping's tensors
+positionally, in the signature's order. The batch dimension is variable, and so is the second
+dimension of integer inputs (token ids: the sequence).
+
+A model torch.export cannot trace (recurrent models over packed sequences, Python control flow on
+tensor values) or whose inputs are not tensors is logged as MLflow's other form, the pickled
+module itself (called as in training): it loads where its classes' packages are importable, and
+MLflow refuses to unpickle it only under MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false (it defaults
+to true). Export is attempted once: its failure is the reason the form is pickled.
 
 Each model is a LoggedModel of the run (MLflow 3's "Logged models"), with the metrics the run
 logged at its step; `runs:/<run_id>/<name>` and `models:/<model_id>` both load it.
@@ -14,8 +20,12 @@ logged at its step; `runs:/<run_id>/<name>` and `models:/<model_id>` both load i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
+import logging
 import os
+import tempfile
+import traceback
 from typing import Any
 
 import torch
@@ -23,10 +33,33 @@ from torch import nn
 
 MODEL_NAME = "model"  # the final model
 BEST_NAME = "best_model"  # with trainer.monitor: the weights of checkpoints/best.pt
+PT2, PICKLE = "pt2", "pickle"  # the model's forms, as MLflow's serialization_format names them
 
 
 class UnsupportedInputs(ValueError):
-    """The model's inputs are not tensors (or a tuple or mapping of them): no MLflow model."""
+    """The model's inputs are not tensors (or a tuple or mapping of them): no pt2, no signature."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Logged:
+    """A model as logged: its URI and form; for a pickled module, why it is not a torch.export
+    program and the packages of its classes, which the pickle names by reference."""
+
+    uri: str
+    form: str = PT2
+    why: str = ""
+    packages: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        """The end of the line that reports it: `: <uri>` for pt2; for a pickled module also
+        its form, why, and what `mlflow.pytorch.load_model` needs to load it."""
+        if self.form == PT2:
+            return f": {self.uri}"
+        needs = " and ".join(filter(None, [
+            f"{', '.join(self.packages)} importable" if self.packages else "",
+            "MLFLOW_ALLOW_PICKLE_DESERIALIZATION unset or true"]))
+        return (f" as a pickled module ({self.why}): {self.uri}; mlflow.pytorch.load_model needs "
+                f"{needs}")
 
 
 class KeywordInputs(nn.Module):
@@ -106,8 +139,9 @@ def signature(tensors: tuple[torch.Tensor, ...], names: tuple[str, ...] | None, 
 
 def log_model(tracking_uri: str, run_id: str, module: nn.Module, example: Any, *,
               name: str = MODEL_NAME, step: int = 0, registered_model_name: str | None = None
-              ) -> str:
-    """Log `module` (bare, on the CPU, in eval mode) into run `run_id` as MLflow model `name`.
+              ) -> Logged:
+    """Log `module` (bare, on the CPU, in eval mode) into run `run_id` as MLflow model `name`:
+    a torch.export program, else (export failed, or the inputs are not tensors) the pickled module.
 
     Args:
         tracking_uri: the run's tracking store.
@@ -118,8 +152,8 @@ def log_model(tracking_uri: str, run_id: str, module: nn.Module, example: Any, *
         registered_model_name: also register it as a new version of this model.
 
     Returns:
-        The model's URI (`models:/<model_id>`). Raises UnsupportedInputs for inputs that are not
-        tensors, and MLflow's or torch.export's error if the model cannot be logged.
+        The model as logged: its URI (`models:/<model_id>`) and form. Raises MLflow's error, or
+        pickle's, if the model cannot be logged in either form.
     """
     import mlflow
     import mlflow.pytorch
@@ -128,10 +162,12 @@ def log_model(tracking_uri: str, run_id: str, module: nn.Module, example: Any, *
     from stepwise.data.batches import call_model, to_device
 
     example = to_device(example, torch.device("cpu"))
-    tensors, names = positional(example)
     with torch.no_grad():
         output = call_model(module, example)
-    exported = keyword_inputs(module, names) if isinstance(example, dict) else module
+    try:
+        tensors, names = positional(example)
+    except UnsupportedInputs as err:
+        tensors, names, why = (), None, str(err)
     # MLflow's model logging reads the global tracking URI, not the client's; set for this call
     # only (set_tracking_uri also sets MLFLOW_TRACKING_URI, which later jobs of a sweep in this
     # process would take for their own default store).
@@ -140,15 +176,93 @@ def log_model(tracking_uri: str, run_id: str, module: nn.Module, example: Any, *
         run = client.get_run(run_id)
         model = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,
                                            params=dict(run.data.params), model_type="pytorch")
-        info = mlflow.pytorch.log_model(
-            exported, name=name, run_id=run_id, model_id=model.model_id, step=step,
-            signature=signature(tensors, names, output), serialization_format="pt2",
-            # the example as saved beside the model; pt2 traces the tensors themselves
-            input_example=tensors[0].numpy() if names is None else tensors,
-            # stated, so that MLflow does not load the model in a subprocess to infer them
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],  # pt2 needs no more
-            registered_model_name=registered_model_name)
-    return info.model_uri
+        options = dict(name=name, run_id=run_id, model_id=model.model_id, step=step,
+                       # stated, so that MLflow does not load the model in a subprocess to infer them
+                       pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                       registered_model_name=registered_model_name)
+        if not tensors:  # MLflow's whole logging path, pickled, without a signature
+            with _pickle_warning_left_out():
+                mlflow.pytorch.log_model(module, serialization_format=PICKLE, **options)
+            return Logged(model.model_uri, PICKLE, why, _packages(module))
+        # the example as saved beside the model; pt2 traces the tensors themselves
+        options.update(signature=signature(tensors, names, output),
+                       input_example=tensors[0].numpy() if names is None else tensors)
+        try:
+            exported = keyword_inputs(module, names) if isinstance(example, dict) else module
+            return Logged(mlflow.pytorch.log_model(exported, serialization_format=PT2,
+                                                   **options).model_uri)
+        except Exception as err:
+            if not _raised_by_export(err):
+                raise
+            why = f"torch.export cannot trace it: {_first_line(err)}"
+        _log_pickled(client, model, module, why, options)
+    return Logged(model.model_uri, PICKLE, why, _packages(module))
+
+
+def _raised_by_export(err: BaseException) -> bool:
+    """Whether `err` (or an error it was raised from) came out of torch.export.export."""
+    while err is not None:
+        if any(frame.f_globals.get("__name__") == "torch.export" and frame.f_code.co_name ==
+               "export" for frame, _ in traceback.walk_tb(err.__traceback__)):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _first_line(err: BaseException, width: int = 100) -> str:
+    """`Type: the message's first line`, cut to `width` characters."""
+    line = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+    return line if len(line) <= width else line[:width - 3] + "..."
+
+
+def _packages(module: nn.Module) -> tuple[str, ...]:
+    """The top-level packages of the module's classes, which a pickle names by reference
+    (torch aside; MLflow's cloudpickle saves the classes of `__main__` by value)."""
+    return tuple(sorted({type(m).__module__.split(".")[0] for m in module.modules()}
+                        - {"torch", "__main__"}))
+
+
+def _log_pickled(client, model, module: nn.Module, why: str, options: dict[str, Any]) -> None:
+    """Save `module` pickled into LoggedModel `model`, then mark it READY (and register it).
+
+    Its pt2 logging failed in torch.export after MLflow had linked it to the run and to the
+    metrics at its step, and marked it FAILED: the same LoggedModel takes the pickled module,
+    so that the run has one model of that name, linked once.
+    """
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.models import Model
+
+    with tempfile.TemporaryDirectory() as tmp, _pickle_warning_left_out():
+        path = os.path.join(tmp, "model")
+        card = Model(artifact_path=model.artifact_location, run_id=options["run_id"],
+                     model_uuid=model.model_id, model_id=model.model_id)
+        try:
+            mlflow.pytorch.save_model(module, path, mlflow_model=card,
+                                      serialization_format=PICKLE, signature=options["signature"],
+                                      input_example=options["input_example"],
+                                      pip_requirements=options["pip_requirements"])
+        except Exception as err:
+            raise RuntimeError(f"{why}; and pickling it failed: {_first_line(err)}") from err
+        client.log_model_artifacts(model.model_id, path)
+    client.finalize_logged_model(model.model_id, "READY")
+    if options["registered_model_name"]:
+        mlflow.register_model(model.model_uri, options["registered_model_name"])
+
+
+@contextlib.contextmanager
+def _pickle_warning_left_out():
+    """MLflow's warning on saving a pickled model (which recommends pt2) left out: the line that
+    reports the model says its form and why."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Saving pytorch model by Pickle")
+
+    logger = logging.getLogger("mlflow.pytorch")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 @contextlib.contextmanager

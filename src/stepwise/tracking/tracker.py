@@ -11,7 +11,10 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from stepwise.tracking.models import Logged
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +122,7 @@ class NullTracker:
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, Any]) -> None: ...
     def start_system_metrics(self, interval_s: float) -> None: ...
-    def log_model(self, module: Any, example: Any, **options: Any) -> str | None: ...
+    def log_model(self, module: Any, example: Any, **options: Any) -> Logged | None: ...
     def flush(self) -> None: ...
     def sync_while_up(self) -> bool: ...
     def close(self, status: str | None = None) -> None: ...
@@ -258,10 +261,10 @@ class MlflowTracker:
                         " the rest is kept in %s; send it with: python -m stepwise.tracking.replay %s",
                         self.tracking_uri, self.flush_timeout_s, spooled, spooled.parent)
 
-    def log_model(self, module: Any, example: Any, **options: Any) -> str:
+    def log_model(self, module: Any, example: Any, **options: Any) -> Logged:
         """Log `module` as an MLflow PyTorch model of the run (stepwise.tracking.models.log_model takes
-        `options`); the metrics logged so far are sent first (within `flush_timeout_s`), to be
-        linked to it. Synchronous: it runs once training is over."""
+        `options`; its URI and form come back); the metrics logged so far are sent first (within
+        `flush_timeout_s`), to be linked to it. Synchronous: it runs once training is over."""
         from stepwise.tracking.models import log_model
 
         self.sync()
