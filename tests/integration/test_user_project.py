@@ -203,7 +203,8 @@ MISTAKES = [
 @pytest.mark.cli
 @pytest.mark.parametrize("args,expected", MISTAKES, ids=[" ".join(a) for a, _ in MISTAKES])
 def test_a_mistake_in_a_user_component_is_one_line(args, expected, workdir):
-    proc = run_cli(SEARCHPATH, "experiment=gru", "dry_run=true", *args, cwd=workdir, env=ENV)
+    # not a dry run, which builds none of the user's components: a constructor runs here
+    proc = run_cli(SEARCHPATH, "experiment=gru", *args, cwd=workdir, env=ENV)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: " + expected), proc.stderr[-3000:]
@@ -240,7 +241,7 @@ def test_mistakes_in_the_config_files_and_the_search_path_are_one_line(workdir):
 
 @pytest.mark.cli
 def test_hydra_full_error_shows_the_traceback_of_a_component_that_raised(workdir):
-    proc = run_cli(SEARCHPATH, "experiment=gru", "dry_run=true", "model.dim=0", cwd=workdir,
+    proc = run_cli(SEARCHPATH, "experiment=gru", "model.dim=0", cwd=workdir,
                    env={**ENV, "HYDRA_FULL_ERROR": "1"})
     assert proc.returncode == 2
     assert "Traceback" in proc.stderr and "ValueError: input_size must be greater than zero" in \

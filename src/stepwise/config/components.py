@@ -177,6 +177,21 @@ def shape_arguments(target: Any, node: Mapping[str, Any], shapes: Mapping[str, A
             if name in names and value is not None and node.get(name) is None}
 
 
+def check(key: str, node: Mapping[str, Any], shapes: Mapping[str, Any] | None = None,
+          given: Mapping[str, Any] | None = None) -> Any:
+    """Locate `node`'s `_target_` and check the keys against its signature (none it does not
+    take, every required one set, by the config, the data's `shapes` or `given` by stepwise),
+    without calling it (a dry run stops here). Returns the target."""
+    node = dict(node)
+    target = locate(key, node.get("_target_"))
+    check_arguments(key, target, node)
+    if not node.get("_partial_") and "_args_" not in node:
+        extra = {**shape_arguments(target, node, shapes or {}), **(given or {})}
+        check_required(key, target, {k: v for k, v in node.items()
+                                     if not (k in extra and v is None)}, extra)
+    return target
+
+
 def build(key: str, node: Mapping[str, Any], shapes: Mapping[str, Any] | None = None,
           **arguments: Any) -> Any:
     """Locate, check and call `node`'s `_target_` (with `_partial_`: a functools.partial).
@@ -190,12 +205,9 @@ def build(key: str, node: Mapping[str, Any], shapes: Mapping[str, Any] | None = 
     the key (its cause chained, for HYDRA_FULL_ERROR=1).
     """
     node = dict(node)
-    target = locate(key, node.get("_target_"))
-    check_arguments(key, target, node)
+    target = check(key, node, shapes, given=arguments)
     extra = {**shape_arguments(target, node, shapes or {}), **arguments}
     node = {k: v for k, v in node.items() if not (k in extra and v is None)}
-    if not node.get("_partial_") and "_args_" not in node:
-        check_required(key, target, node, extra)
     try:
         return _call(target, node, extra)
     except ConfigError:

@@ -54,9 +54,9 @@ def loss_node(config: Any, data: Any) -> dict[str, Any]:
     return node(config.loss) if config.loss is not None else DEFAULT_LOSS[data.task]
 
 
-def build_loss(config: Any, data: Any):
-    """The `loss` component (per-item values, stepwise/models/losses.py); by default, the data's task's.
-    A function is the loss itself (`_partial_` with its other keys)."""
+def loss_spec(config: Any, data: Any) -> dict[str, Any]:
+    """The `loss` node to build: a function is the loss itself (`_partial_` with its other
+    keys), a class is built into one."""
     import inspect
 
     from stepwise.config.components import locate
@@ -64,7 +64,12 @@ def build_loss(config: Any, data: Any):
     spec = loss_node(config, data)
     if inspect.isfunction(locate("loss", spec.get("_target_"))):
         spec = {"_partial_": True, **spec}
-    loss = build("loss", spec)
+    return spec
+
+
+def build_loss(config: Any, data: Any):
+    """The `loss` component (per-item values, stepwise/models/losses.py); by default, the data's task's."""
+    loss = build("loss", loss_spec(config, data))
     if not callable(loss):
         raise ConfigError("loss._target_", loss_node(config, data)["_target_"], f"built a "
                           f"{type(loss).__name__}, which cannot be called as loss(output, target)",

@@ -326,10 +326,14 @@ def prepare(config: Config, run_dir: Path, start_dir: Path, env: DistEnv | None 
                           "vectors, not images", "set trainer.channels_last=false")
     plan = plan_for(config, data, world.size, batch_size, accum)
     check_adapt_betas(config, plan)
-    if not config.dry_run or images or not isinstance(data, ArrayData):  # torch is loaded already
+    if not config.dry_run:
         from stepwise.run.probe import probe
 
         probe(config, data, _data_name(config.data), plan)
+    elif images or not isinstance(data, ArrayData):  # torch is loaded already
+        from stepwise.run.probe import dry_probe
+
+        dry_probe(config, data, _data_name(config.data))
     if env.rank == 0:
         warn_unlikely(config, plan)
     from stepwise.run.resume import find_checkpoint
