@@ -15,6 +15,11 @@ def _show(value: Any) -> str:
     return str(value)
 
 
+def one_line(key: str, value: Any, problem: str, fix: str) -> str:
+    """`key=value: problem; fix: fix`, the one line of a ConfigError and of a warning."""
+    return f"{key}={_show(value)}: {problem}; fix: {fix}"
+
+
 class ConfigError(ValueError):
     """A bad value in the user's config, reported on one line before any work starts.
 
@@ -29,7 +34,7 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, value: Any, problem: str, fix: str) -> None:
         self.key, self.value, self.problem, self.fix = key, value, problem, fix
-        super().__init__(f"{key}={_show(value)}: {problem}; fix: {fix}")
+        super().__init__(one_line(key, value, problem, fix))
 
 
 class RunFailed(RuntimeError):

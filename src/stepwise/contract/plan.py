@@ -117,6 +117,8 @@ class Plan:
     schedule: Schedule = Schedule()
     warmup_steps: int = 0
     final_lr: float = 0.0
+    # Legal values that are most likely slips, one line each (stepwise/contract/advice.py).
+    warnings: tuple[str, ...] = ()
 
     # -- windows and shards -------------------------------------------------------------------
     def window(self, step_in_epoch: int) -> Window:
@@ -166,6 +168,16 @@ class Plan:
         return epochs * self.samples_per_epoch + rest * self.effective_batch_size
 
     # -- reporting ----------------------------------------------------------------------------
+    def lr_per_sample(self) -> str:
+        """Under `lr_scaling=none`, the LR per sample against that at `base_batch_size` ('' when
+        the LR is scaled or E is the base): runs of another E train at another LR per sample."""
+        if self.lr_rule != "none" or self.effective_batch_size == self.base_batch_size:
+            return ""
+        ratio = self.effective_batch_size / self.base_batch_size
+        share = f"1/{ratio:.3g} of" if ratio > 1 else f"{1 / ratio:.3g}x"
+        return (f"{share} that at base_batch_size={self.base_batch_size} "
+                f"(E={self.effective_batch_size}, lr_scaling=none)")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -200,6 +212,7 @@ class Plan:
             ("total samples", self.total_samples),
             ("lr", f"{self.lr:.6g} = {self.base_lr:.6g} x {self.lr_scale_factor:.6g} "
                    f"({self.lr_rule}, base_batch_size={self.base_batch_size})"),
+            *([("lr per sample", self.lr_per_sample())] if self.lr_per_sample() else []),
             ("schedule", f"{self.schedule.name}, warmup {self.schedule.warmup_samples} samples "
                          f"= {self.warmup_steps} steps, final lr {self.final_lr:.6g}"),
             *extra,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stepwise.config.schemas import Config
+from stepwise.contract.advice import advise, knobs, run_warnings
 from stepwise.contract.dist_env import DistEnv
 from stepwise.contract.errors import ConfigError
 from stepwise.contract.items import ItemPlan, item_plan
@@ -214,6 +215,8 @@ def warn_unlikely(config: Config, plan: Plan) -> None:
             getattr(config.data, "task", "classification") == "classification":
         log.warning("data.num_classes=1: every label is that class, so the cross-entropy loss is "
                     "0 whatever the weights and nothing is learned")
+    for line in (*plan.warnings, *run_warnings(plan, knobs(config))):  # contract/advice.py
+        log.warning(line)
 
 
 def check_fast_path(trainer: Any) -> None:
@@ -345,7 +348,7 @@ def prepare(config: Config, run_dir: Path, start_dir: Path, env: DistEnv | None 
 
 def plan_for(config: Config, data: Any, world_size: int, batch_size: int, accum: int) -> Plan:
     """The plan of this config for a factoring (b, accum) of its effective batch."""
-    return make_plan(
+    return advise(make_plan(
         train_samples=data.train_samples, per_device_batch_size=batch_size,
         accum=accum, world_size=world_size, drop_last=config.data.drop_last,
         partial_window=config.trainer.partial_window, max_steps=config.trainer.max_steps,
@@ -353,7 +356,7 @@ def plan_for(config: Config, data: Any, world_size: int, batch_size: int, accum:
         base_lr=config.optim.lr, lr_rule=config.lr_scaling.rule,
         base_batch_size=config.lr_scaling.base_batch_size,
         schedule=dataclasses.asdict(config.schedule),
-    )
+    ), knobs(config))
 
 
 def run_params(job: Job) -> dict[str, Any]:
@@ -374,6 +377,8 @@ def run_params(job: Job) -> dict[str, Any]:
         budget=plan.budget, lr_scale_factor=plan.lr_scale_factor, lr=plan.lr,
         warmup_steps=plan.warmup_steps, final_lr=plan.final_lr,
     )
+    if plan.warnings:
+        params.update(plan_warnings="\n".join(plan.warnings))
     if job.items is not None:
         params.update(total_items=job.items.total_items)
     if job.auto_batch_tried:
