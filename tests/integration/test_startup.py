@@ -23,11 +23,28 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 HEAVY = {"torch", "mlflow", "torchvision", "submitit", "sklearn", "scipy", "pandas", "matplotlib"}
 
 
+def imported_modules(workdir, *overrides: str, env: dict[str, str] | None = None) -> set[str]:
+    """The modules that `python train.py <overrides>` imports."""
+    out = workdir / "modules.json"
+    run_cli(*overrides, cwd=workdir, check=True, python_args=["-c", DRIVER, str(out)], env=env)
+    return set(json.loads(out.read_text()))
+
+
 def imported_packages(workdir, *overrides: str) -> set[str]:
     """The top-level packages that `python train.py <overrides>` imports."""
-    out = workdir / "modules.json"
-    run_cli(*overrides, cwd=workdir, check=True, python_args=["-c", DRIVER, str(out)])
-    return {name.split(".")[0] for name in json.loads(out.read_text())}
+    return {name.split(".")[0] for name in imported_modules(workdir, *overrides)}
+
+
+def test_a_dry_run_of_a_user_project_builds_no_component_of_it(workdir):
+    """It needs torch (the user's datasets are built, for their sizes), but neither torchmetrics
+    (~1.6 s) nor torch._dynamo (~1.3 s, the optimizer and the two-sample probe)."""
+    from tests.integration.test_user_project import ENV, SEARCHPATH
+
+    modules = imported_modules(workdir, SEARCHPATH, "experiment=gru", "dry_run=true", env=ENV)
+    assert {"torch", "userpkg.data", "userpkg.models"} <= modules
+    assert not modules & {"torchmetrics", "torch._dynamo", "mlflow"}, \
+        sorted(modules & {"torchmetrics", "torch._dynamo", "mlflow"})
+    assert len(list(workdir.glob("outputs/*/*/plan.json"))) == 1
 
 
 @pytest.mark.smoke
