@@ -118,6 +118,15 @@ def options(group: str) -> tuple[str, ...]:
                         if f.is_file() and f.name.endswith(".yaml")))
 
 
+# The user packages the docs use as examples: their options (`experiment=parity`) exist too.
+USER_CONF = (ROOT / "examples" / "parity" / "parity" / "conf",
+             ROOT / "tests" / "fixtures" / "userpkg" / "conf")
+
+
+def user_options(group: str) -> set[str]:
+    return {f.stem for conf in USER_CONF for f in (conf / group).glob("*.yaml")}
+
+
 @functools.cache
 def composed(*overrides: str):
     """compose_config(overrides); a value the option leaves mandatory (data=dataset's train) is
@@ -207,7 +216,8 @@ def test_options_and_top_level_keys_exist(path: Path):
     for name, value in doc_selections(path):
         if name in GROUPS or name in SELECT_ONLY:
             for option in value.split("|"):
-                if re.fullmatch(r"\w+", option) and option != "null" and option not in options(name):
+                if re.fullmatch(r"\w+", option) and option != "null" and \
+                        option not in options(name) and option not in user_options(name):
                     wrong.append(f"{name}={option}: no {name}/{option}.yaml")
         elif name in TOP_LEVEL:
             if not hasattr(composed(), name):
@@ -229,3 +239,33 @@ def test_the_checks_see_the_docs():
     assert slug("## Your own project: model, data, loss and metrics by `_target_`".lstrip("# ")) \
         == "your-own-project-model-data-loss-and-metrics-by-_target_"
     assert any("#" in t for p in DOCS for t in LINK.findall(p.read_text()))
+
+
+FILE_MARK = re.compile(r"^<!-- file: (\S+) -->\s*$")
+
+
+def quoted_files(path: Path) -> list[tuple[str, str]]:
+    """(file, block) for each fenced block that a `<!-- file: <path> -->` line announces."""
+    lines, quoted = path.read_text().splitlines(), []
+    for i, line in enumerate(lines):
+        if (mark := FILE_MARK.match(line)) and i + 1 < len(lines) and FENCE.match(lines[i + 1]):
+            end = next(j for j in range(i + 2, len(lines)) if FENCE.match(lines[j]))
+            quoted.append((mark.group(1), "\n".join(lines[i + 2:end]) + "\n"))
+    return quoted
+
+
+@pytest.mark.parametrize("path", DOCS, ids=_id)
+def test_quoted_files_are_quoted_as_they_are(path: Path):
+    """A block announced as a file of the repository (docs/your-project.md walks through
+    examples/parity) is that file, or an unchanged excerpt of it."""
+    changed = [name for name, block in quoted_files(path)
+               if block not in (ROOT / name).read_text()]
+    assert not changed, f"{_id(path)} quotes these files other than they are: {changed}"
+
+
+def test_the_walkthrough_quotes_every_config_file_of_the_example():
+    quoted = {name for name, _ in quoted_files(ROOT / "docs" / "your-project.md")}
+    example = ROOT / "examples" / "parity"
+    files = {str(p.relative_to(ROOT)) for p in example.rglob("*.yaml")}
+    assert len(files) == 5 and files <= quoted, sorted(files - quoted)
+    assert len(quoted) >= 10
