@@ -182,3 +182,76 @@ def test_example_project_ddp_with_accumulation(parity_venv, workdir):
     params, _ = _check_example_run(workdir, world_size=2, accum=2)
     # 500 sequences per rank: 16 micro-batches of 32 (the last one 20), 8 windows of 2, 2 epochs
     assert params["total_optimizer_steps"] == "16"
+
+
+# The test package (tests/fixtures/userpkg) as a user would ship it: its config groups declared as
+# package data, installed (not editable) beside the wheel. Its GRU model cannot be exported.
+USERPKG_PYPROJECT = """\
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "userpkg"
+version = "0.1.0"
+dependencies = ["stepwise", "torch", "torchmetrics"]
+
+[tool.setuptools]
+packages = ["userpkg", "userpkg.conf"]
+
+[tool.setuptools.package-data]
+"userpkg.conf" = ["*/*.yaml"]
+"""
+USERPKG_ARGS = ("hydra.searchpath=[pkg://userpkg.conf]", "experiment=gru")
+
+
+@pytest.fixture(scope="module")
+def user_venv(tmp_path_factory, parity_venv: Path) -> Path:
+    source = tmp_path_factory.mktemp("userpkg") / "project"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "userpkg", source / "userpkg",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (source / "pyproject.toml").write_text(USERPKG_PYPROJECT)
+    _run([str(parity_venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps",
+          str(source)], cwd=source.parent, env=_env(parity_venv), timeout=600)
+    return parity_venv
+
+
+LOAD_BACK = """
+import json, sys, torch, mlflow.pytorch
+from userpkg.data import Sequences, pad_collate
+run_id, checkpoint = sys.argv[1:]
+mlflow.set_tracking_uri("sqlite:///mlflow.db")
+logged = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+weights = torch.load(checkpoint, weights_only=False)["model"]
+batch = pad_collate([Sequences(5, seed=3)[i] for i in range(5)])
+print(json.dumps({"class": type(logged).__qualname__,
+                  "equal": all(torch.equal(v, weights[k]) for k, v in logged.state_dict().items()),
+                  "outputs": logged.eval()(tokens=batch["tokens"], mask=batch["mask"]).shape[0]}))
+"""
+
+
+def test_a_model_torch_export_rejects_reaches_mlflow_from_an_installed_user_package(user_venv,
+                                                                                    workdir):
+    proc = _stepwise(user_venv, *USERPKG_ARGS, "trainer.max_steps=4", "hydra.run.dir=outputs/gru",
+                     cwd=workdir)
+    run = _only_run(workdir)
+    assert run.data.params["model._target_"] == "userpkg.models.GRUClassifier"
+    out = proc.stdout + proc.stderr
+    assert "final model logged to MLflow as a pickled module (torch.export cannot trace it" in out
+    loaded = _run([str(user_venv / "bin" / "python"), "-c", LOAD_BACK, run.info.run_id,
+                   str(workdir / "outputs" / "gru" / "checkpoints" / "last.pt")], cwd=workdir,
+                  env=_env(user_venv))
+    import json
+
+    assert json.loads(loaded.stdout.strip().splitlines()[-1]) == {
+        "class": "GRUClassifier", "equal": True, "outputs": 5}
+
+
+def test_a_mistake_in_an_installed_user_package_s_config_is_one_line(user_venv, workdir):
+    proc = subprocess.run([str(user_venv / "bin" / "stepwise"), *USERPKG_ARGS, "model.dimm=32"],
+                          cwd=workdir, env=_env(user_venv), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: model.dimm=32: userpkg.models.GRUClassifier takes no such argument; fix: did you "
+        "mean model.dim?"], proc.stderr
+    assert not (workdir / "outputs").exists()
