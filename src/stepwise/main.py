@@ -126,7 +126,7 @@ def _config_error(err: Exception, run_dir: Path, rank: int) -> None:
 
 
 def _train(job, run_dir: Path, rank: int) -> dict[str, float]:
-    from stepwise.contract.errors import RanksFailed, RunFailed
+    from stepwise.contract.errors import RanksFailed, RunFailed, UserCodeFailed
     from stepwise.run.runner import execute
 
     try:
@@ -136,6 +136,8 @@ def _train(job, run_dir: Path, rank: int) -> dict[str, float]:
             print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except RunFailed as err:
+        if isinstance(err, UserCodeFailed):  # the user's bug: its traceback once, then one line
+            sys.stderr.write(err.details)
         why = "a DDP worker failed; the job is stopped.\n" if isinstance(err, RanksFailed) else ""
         print(f"error: {why}{err}", file=sys.stderr)
         sys.exit(err.exit_code)

@@ -1,9 +1,10 @@
 """The errors that end a run, each with its exit status: a user's mistake (ConfigError, 2), a run
-that did not do what it planned (PlanMismatch, NonFiniteLoss, RanksFailed: 1). A stop signal is
-`stepwise.loop.signals.Stopped` (128 + the signal)."""
+that did not do what it planned (PlanMismatch, NonFiniteLoss, RanksFailed, UserCodeFailed: 1). A
+stop signal is `stepwise.loop.signals.Stopped` (128 + the signal)."""
 
 from __future__ import annotations
 
+import traceback
 from typing import Any
 
 
@@ -57,3 +58,23 @@ class EmptyWindow(RunFailed):
 
 class RanksFailed(RunFailed):
     """A DDP worker failed; the message holds its error."""
+
+
+class UserCodeFailed(RunFailed):
+    """The user's own code (a dataset, a collate function) raised while the run was training.
+
+    The message is one line naming the config key, the sample, the step and the rank;
+    `details` is the user's traceback, shown once above it.
+    """
+
+    def __init__(self, message: str, details: str | None = None) -> None:
+        super().__init__(message)
+        self._details = details
+
+    @property
+    def details(self) -> str:
+        """The traceback of the user's error: as given (by a DDP worker), else of the cause."""
+        text, cause = self._details, self.__cause__
+        if text is None and cause is not None:
+            text = "".join(traceback.format_exception(type(cause), cause, cause.__traceback__))
+        return text.rstrip("\n") + "\n" if text else ""

@@ -18,6 +18,7 @@ from typing import Any
 
 from stepwise.contract.errors import ConfigError
 from stepwise.data.batches import cast_floats, split_batch
+from stepwise.data.failures import NamedDataset, named_collate
 
 TASKS = ("classification", "regression")
 
@@ -39,17 +40,19 @@ class DatasetData:
     item_counts: Any = field(default=None, compare=False)
 
     def train_set(self, dtype=None, seed: int = 0):
-        return _built("data.train", self.train)
+        return NamedDataset(_built("data.train", self.train), "data.train")
 
     def val_set(self, dtype=None):
-        return _built("data.val", self.val) if self.val is not None else None
+        return NamedDataset(_built("data.val", self.val), "data.val") if self.val is not None else None
 
     def collate(self, dtype) -> Callable[[list], tuple[Any, Any]]:
         """The loader's collate function: the user's (or torch's default), then split and cast."""
-        from stepwise.config.components import build
+        from stepwise.config.components import build, target_of
 
-        user = build("data.collate_fn", self.collate_fn) if self.collate_fn is not None else None
-        return Collate(user, self.target_key, dtype)
+        if self.collate_fn is None:
+            return Collate(None, self.target_key, dtype)
+        return Collate(build("data.collate_fn", self.collate_fn), self.target_key, dtype,
+                       target_of(self.collate_fn))
 
     def shape_keys(self) -> dict[str, Any]:
         return {"input_shape": self.input_shape, "num_outputs": self.num_outputs,
@@ -59,16 +62,17 @@ class DatasetData:
 class Collate:
     """Picklable (loader workers): collate samples, cast floats, split into (inputs, target)."""
 
-    def __init__(self, user: Callable | None, target_key: str, dtype) -> None:
-        self.user, self.target_key, self.dtype = user, target_key, dtype
+    def __init__(self, user: Callable | None, target_key: str, dtype,
+                 name: str = "torch.utils.data.default_collate") -> None:
+        self.user, self.target_key, self.dtype, self.name = user, target_key, dtype, name
 
     def __call__(self, samples: list) -> tuple[Any, Any]:
         if self.user is not None:
-            batch = self.user(samples)
+            batch = named_collate(self.user, samples, self.name)
         else:
             from torch.utils.data import default_collate
 
-            batch = default_collate(samples)
+            batch = named_collate(default_collate, samples, self.name)
         return split_batch(cast_floats(batch, self.dtype), self.target_key)
 
 
@@ -117,7 +121,7 @@ def _length(key: str, node: Mapping[str, Any], dataset: Any) -> int:
     try:
         return len(dataset)
     except TypeError:
-        raise ConfigError(key, node.get("_target_"), f"{type(dataset).__name__} has no len(): "
+        raise ConfigError(key, node.get("_target_"), f"{type(dataset.dataset).__name__} has no len(): "
                           "stepwise plans over a map-style Dataset", "give the class __len__ and "
                           "__getitem__ (an IterableDataset cannot be cut into exact windows)"
                           ) from None

@@ -18,6 +18,7 @@ from stepwise.contract.monitor import BestKeeper
 from stepwise.contract.plan import Plan, Window
 from stepwise.contract.plan_check import mismatches, planned_counts
 from stepwise.data.batches import call_model, to_device
+from stepwise.data.failures import naming_user_errors
 from stepwise.loop.item_tally import ItemTally
 from stepwise.loop.precision import Precision, inputs_memory_format
 from stepwise.loop.signals import STOP, Stopped, StopSignals
@@ -135,7 +136,13 @@ class Trainer:
                 return
             window = self._window(epoch, step_in_epoch)
             micro = range(window.first_micro_step, window.first_micro_step + window.micro_steps)
-            yield window, [self._to_device(next(batches), j) for j in micro]
+            yield window, [self._to_device(self._load(batches, epoch, j), j) for j in micro]
+
+    def _load(self, batches: Iterator, epoch: int, micro_step: int) -> tuple[Any, torch.Tensor]:
+        """The next micro-batch; an error of the user's dataset or collate function names it."""
+        with naming_user_errors(lambda: f"global_step {self.counters.global_step}, micro-step "
+                                        f"{micro_step} of epoch {epoch}, rank {self.replica.rank}"):
+            return next(batches)
 
     def _window(self, epoch: int, step_in_epoch: int) -> Window:
         """The plan's window, with its loss items when the data states them."""
@@ -301,8 +308,11 @@ class Trainer:
     # -- validation and the final check ------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         """Exact validation metrics over this process's shard (stepwise/loop/validation.py)."""
-        return evaluate(self.model, self.val_loader, self.loss, self.metrics, self.replica,
-                        self.precision, self._on_device)
+        with naming_user_errors(lambda: f"validation after epoch {self.counters.epoch}, "
+                                        f"global_step {self.counters.global_step}, "
+                                        f"rank {self.replica.rank}"):
+            return evaluate(self.model, self.val_loader, self.loss, self.metrics, self.replica,
+                            self.precision, self._on_device)
 
     def _evaluate_and_log(self) -> dict[str, float]:
         """Evaluate after reading the steps before (timed without it), and log the metrics

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import uuid
+from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 
-from stepwise.contract.errors import RanksFailed
+from stepwise.contract.errors import RanksFailed, UserCodeFailed
 from stepwise.loop.signals import STOP, STOP_SIGNALS, Stopped, stop_in
 from stepwise.run.job import Job
 
@@ -24,7 +28,9 @@ def spawn(job: Job, tracker, log_file: str | None) -> dict[str, float]:
     """Run `job.world.nproc` DDP (or FSDP) workers on this node; return rank 0's final metrics.
 
     The elastic launcher watches the workers: when one fails, it stops the others and raises
-    ChildFailedError with the failing rank's traceback (as torchrun would print it).
+    ChildFailedError with the failing rank's traceback (as torchrun would print it), or, when the
+    user's data raised on some rank, that rank's UserCodeFailed (the launcher may have seen
+    another rank first: one whose collective failed as the failing rank left).
     """
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -45,9 +51,14 @@ def spawn(job: Job, tracker, log_file: str | None) -> dict[str, float]:
     handlers = {signum: signal.getsignal(signum) for signum in (*STOP_SIGNALS, signal.SIGINT)}
     if "signals_to_handle" not in _supported(LaunchConfig, signals_to_handle=None):  # torch < 2.10
         signal.signal(signal.SIGUSR2, _raise_signal_exception)  # what >= 2.10 does for SIGUSR2
+    reports = Path(tempfile.mkdtemp(prefix="stepwise-failed-"))
+    torch_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    torch_log.addFilter(_not_the_failure)
     try:
-        results = elastic_launch(config, _worker)(job, run_id, uri, log_file)
+        results = elastic_launch(config, _worker)(job, run_id, uri, log_file, str(reports))
     except ChildFailedError as err:
+        if (failed := _user_code_failed(reports)) is not None:
+            raise failed from None
         codes = {failure.exitcode for failure in err.failures.values()}
         # 128 + signal: a rank honoured a stop signal; -signal: it was still starting up
         stopped = {code: s for s in STOP_SIGNALS for code in (128 + s, -s)}
@@ -58,11 +69,47 @@ def spawn(job: Job, tracker, log_file: str | None) -> dict[str, float]:
     except SignalException as err:
         raise Stopped(int(err.sigval)) from None
     finally:
+        torch_log.removeFilter(_not_the_failure)
+        shutil.rmtree(reports, ignore_errors=True)
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
     steps = [int(results[rank]["global_step"]) for rank in sorted(results)]
     log.info("global_step on each rank: %s (plan: %d)", steps, job.plan.total_optimizer_steps)
     return results[0]
+
+
+def _not_the_failure(record: logging.LogRecord) -> bool:
+    """The launcher logs a failed worker's traceback, which stepwise reports itself: once."""
+    return not str(record.msg).startswith("failed (exitcode")
+
+
+def _report(err: UserCodeFailed, reports: str, rank: int) -> None:
+    """What a rank whose data raised tells the launching process (which prints it once)."""
+    path = Path(reports) / f"rank-{rank}.json"
+    path.with_suffix(".tmp").write_text(json.dumps({"line": str(err), "details": err.details}))
+    path.with_suffix(".tmp").replace(path)
+
+
+def _release(err: BaseException | None) -> None:
+    """Let go of the frames of the error's traceback: the data loader iterator they hold then
+    stops its worker processes (at exit they would be killed, leaking their semaphores)."""
+    import gc
+    import traceback
+
+    while err is not None:
+        traceback.clear_frames(err.__traceback__)
+        err = err.__cause__ or err.__context__
+    gc.collect()
+
+
+def _user_code_failed(reports: Path) -> UserCodeFailed | None:
+    """The ranks' reports of their data raising, as one error (None: no rank's data raised)."""
+    found = sorted(reports.glob("rank-*.json"), key=lambda path: int(path.stem.split("-")[1]))
+    if not found:
+        return None
+    told = [json.loads(path.read_text()) for path in found]
+    return UserCodeFailed("\nerror: ".join(report["line"] for report in told),
+                          "".join(report["details"] for report in told))
 
 
 def _raise_signal_exception(signum: int, frame) -> None:
@@ -81,7 +128,7 @@ def _supported(cls, **options):
 
 @record
 def _worker(job: Job, run_id: str | None, tracking_uri: str | None,
-            log_file: str | None) -> dict[str, float]:
+            log_file: str | None, reports: str) -> dict[str, float]:
     """One spawned rank: join the group, train, and log into the parent's MLflow run (rank 0)."""
     from stepwise.contract.dist_env import detect
     from stepwise.parallel.replica import start_replica, stop_replica
@@ -112,16 +159,23 @@ def _worker(job: Job, run_id: str | None, tracking_uri: str | None,
         finally:
             tracker.close()  # what it logged is sent (or spooled) before this process ends
     except BaseException as err:
+        # What is left is this process's exit: the launcher's SIGTERM, which comes when another
+        # rank failed first, must not add a traceback of its own (an atexit callback's, say).
+        STOP.end_job()
         stop = stop_in(err)
         # After a checkpoint every rank is at the same step and they leave the group together;
         # otherwise each rank is somewhere else: leave without a collective.
         stop_replica(replica, failed=stop is None or not stop.checkpointed)
-        if stop is None:
+        if isinstance(err, UserCodeFailed):
+            _report(err, reports, world.rank)  # the launching process prints it, once
+            _release(err)
+        elif stop is None:
             raise
         # Leave now: a returning elastic worker would wait for its launcher to collect the
-        # result, while the launcher, shutting down, waits for it to exit.
+        # result, while the launcher, shutting down, waits for it to exit (and the data loader's
+        # processes, alive in the error's frames, would be killed at exit with a traceback).
         logging.shutdown()
-        os._exit(128 + stop.signum)
+        os._exit(128 + stop.signum if stop is not None else 1)
     stop_replica(replica)
     return result
 
