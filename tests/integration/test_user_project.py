@@ -246,3 +246,16 @@ def test_hydra_full_error_shows_the_traceback_of_a_component_that_raised(workdir
     assert proc.returncode == 2
     assert "Traceback" in proc.stderr and "ValueError: input_size must be greater than zero" in \
         proc.stderr and proc.stderr.strip().splitlines()[-1].startswith("error: model=")
+
+
+def test_an_empty_validation_dataset_gets_a_warning(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="stepwise"):
+        job = prepare_job(tmp_path, SEARCHPATH, "experiment=seqs", "dry_run=true",
+                          "data.val._target_=userpkg.data.Empty")
+    assert job.data.val_samples == 0
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        "data.val=userpkg.data.Empty: the validation dataset is empty (len 0), so the run never "
+        "evaluates (no val/loss, no metrics); fix: check its arguments, or set data.val=null "
+        "for a run without validation"]

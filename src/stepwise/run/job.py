@@ -191,8 +191,13 @@ def check_sizes(config: Config) -> None:
                           "use e.g. data.weights=[-2.0,3.4]")
 
 
-def warn_unlikely(config: Config, plan: Plan) -> None:
+def warn_unlikely(config: Config, plan: Plan, data: Any = None) -> None:
     """One warning line, with the reason, for each legal value that is most likely a slip."""
+    val = getattr(config.data, "val", None)
+    if isinstance(val, dict) and data is not None and data.val_samples == 0:
+        log.warning("data.val=%s: the validation dataset is empty (len 0), so the run never "
+                    "evaluates (no val/loss, no metrics); fix: check its arguments, or set "
+                    "data.val=null for a run without validation", val.get("_target_"))
     optim = config.optim
     adam = hasattr(optim, "betas")
     limit, why, typical = ((1.0, "AdamW, which moves each weight by about lr per step", "1e-4 to 1e-2")
@@ -338,7 +343,7 @@ def prepare(config: Config, run_dir: Path, start_dir: Path, env: DistEnv | None 
 
         dry_probe(config, data, _data_name(config.data))
     if env.rank == 0:
-        warn_unlikely(config, plan)
+        warn_unlikely(config, plan, data)
     from stepwise.run.resume import find_checkpoint
 
     return Job(config=config, data=data, plan=plan, run_dir=run_dir, start_dir=start_dir,
