@@ -105,14 +105,42 @@ def make_loaders(data, plan: Plan, replica: Replica, *, seed: int, dtype: torch.
         train = InMemoryLoader(train_set, sampler, pin=workers["pin_memory"])
     else:
         train = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate, **workers)
-    if data.val_samples == 0:
-        return train, None
-    # Contiguous, disjoint shards: every validation sample is counted once over all ranks.
-    shard = np.array_split(np.arange(data.val_samples), replica.loader_ranks)[replica.rank]
-    batch = plan.per_device_batch_size * replica.blocks_per_process
-    batches = [shard[i:i + batch].tolist() for i in range(0, len(shard), batch)]
-    val = DataLoader(data.val_set(dtype), batch_sampler=batches, collate_fn=collate, **workers)
+    val = eval_loader(data, "val", plan.per_device_batch_size * replica.blocks_per_process,
+                      replica, dtype, collate=collate, **workers)
     return train, val
+
+
+# The splits a model is evaluated on. A data object has `<split>_samples` and `<split>_set(dtype)`
+# for each it holds (none: 0 samples): the validation set, and the held-out test set.
+EVAL_SPLITS = ("val", "test")
+
+
+def split_samples(data, split: str) -> int:
+    """How many samples `data` has in `split` (0 when it has no such split)."""
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"unknown split {split!r}: one of {EVAL_SPLITS}")
+    return int(getattr(data, f"{split}_samples", 0) or 0)
+
+
+def shard_batches(samples: int, batch: int, replica: Replica) -> list[list[int]]:
+    """This process's batches of an evaluation split: contiguous, disjoint shards, so that every
+    sample is counted once over all ranks, in sample order within each shard."""
+    shard = np.array_split(np.arange(samples), replica.loader_ranks)[replica.rank]
+    return [shard[i:i + batch].tolist() for i in range(0, len(shard), batch)]
+
+
+def eval_loader(data, split: str, batch: int, replica: Replica, dtype: torch.dtype, *,
+                collate=None, **workers) -> DataLoader | None:
+    """This process's shard of `split` ("val", "test") in batches of `batch` (no augmentation,
+    no shuffling), or None when `data` has no samples there."""
+    samples = split_samples(data, split)
+    if samples == 0:
+        return None
+    if collate is None:
+        collate = data.collate(dtype) if hasattr(data, "collate") else _as_is
+    return DataLoader(getattr(data, f"{split}_set")(dtype),
+                      batch_sampler=shard_batches(samples, batch, replica), collate_fn=collate,
+                      **workers)
 
 
 def fetch(data, dtype: torch.dtype, seed: int, indices: list[int]) -> tuple:
