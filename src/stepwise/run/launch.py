@@ -11,6 +11,7 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Any
 
 from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
@@ -34,15 +35,7 @@ def spawn(job: Job, tracker, log_file: str | None) -> dict[str, float]:
     """
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    timeout = job.config.parallel.timeout_s
-    config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=job.world.nproc, run_id=uuid.uuid4().hex,
-        rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", rdzv_configs={"timeout": timeout},
-        max_restarts=0, monitor_interval=0.1, start_method="spawn",
-        # SIGTERM/SIGUSR2 reach the workers, which finish their step and checkpoint meanwhile.
-        **_supported(LaunchConfig, shutdown_timeout=timeout,  # torch >= 2.12
-                     signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2"),  # torch >= 2.10
-    )
+    config = _launch_config(job.world.nproc, job.config.parallel.timeout_s)
     log.info("spawning %d %s workers (world_size=%d)", job.world.nproc, job.world.mode.upper(),
              job.world.size)
     run_id = getattr(tracker, "run_id", None)
@@ -76,6 +69,54 @@ def spawn(job: Job, tracker, log_file: str | None) -> dict[str, float]:
     steps = [int(results[rank]["global_step"]) for rank in sorted(results)]
     log.info("global_step on each rank: %s (plan: %d)", steps, job.plan.total_optimizer_steps)
     return results[0]
+
+
+def _launch_config(nproc: int, timeout: int):
+    """Torch's elastic launcher on this node: `nproc` spawned workers, no restarts."""
+    from torch.distributed.launcher.api import LaunchConfig
+
+    return LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
+        rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", rdzv_configs={"timeout": timeout},
+        max_restarts=0, monitor_interval=0.1, start_method="spawn",
+        # SIGTERM/SIGUSR2 reach the workers, which finish their step and checkpoint meanwhile.
+        **_supported(LaunchConfig, shutdown_timeout=timeout,  # torch >= 2.12
+                     signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2"),  # torch >= 2.10
+    )
+
+
+def spawn_ranks(nproc: int, timeout: int, entrypoint, *args) -> dict[int, Any]:
+    """Run `entrypoint(*args)` (a module-level function, decorated with `record`) in `nproc`
+    spawned workers on this node; {rank: what it returned}. A failed worker is RanksFailed,
+    with its traceback. For work with no checkpoint to stop at (`stepwise eval`): a stop signal
+    ends the workers at once."""
+    from torch.distributed.launcher.api import elastic_launch
+
+    handlers = {signum: signal.getsignal(signum) for signum in (*STOP_SIGNALS, signal.SIGINT)}
+    torch_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    torch_log.addFilter(_not_the_failure)
+    try:
+        return elastic_launch(_launch_config(nproc, timeout), entrypoint)(*args)
+    except ChildFailedError as err:
+        raise RanksFailed(err.format_msg()) from None
+    except SignalException as err:
+        raise Stopped(int(err.sigval)) from None
+    finally:
+        torch_log.removeFilter(_not_the_failure)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def start_worker(world, device: str, log_file: str | None = None):
+    """What a spawned worker does first: die with its launcher, log as its rank does, take its
+    share of the CPU cores; its world, joined from the launcher's environment."""
+    from stepwise.contract.dist_env import detect
+
+    _die_with_parent()
+    world = world.joined(detect(os.environ))
+    _configure_logging(world.rank, log_file)
+    _share_cpu_threads(world.nproc, device)
+    return world
 
 
 def _not_the_failure(record: logging.LogRecord) -> bool:
@@ -130,7 +171,6 @@ def _supported(cls, **options):
 def _worker(job: Job, run_id: str | None, tracking_uri: str | None,
             log_file: str | None, reports: str) -> dict[str, float]:
     """One spawned rank: join the group, train, and log into the parent's MLflow run (rank 0)."""
-    from stepwise.contract.dist_env import detect
     from stepwise.parallel.replica import start_replica, stop_replica
     from stepwise.run.fit import train
     from stepwise.run.resume import resume_state
@@ -138,10 +178,7 @@ def _worker(job: Job, run_id: str | None, tracking_uri: str | None,
     from stepwise.tracking.tracker import MlflowTracker, NullTracker
 
     STOP.install()
-    _die_with_parent()
-    world = job.world.joined(detect(os.environ))
-    _configure_logging(world.rank, log_file)
-    _share_cpu_threads(world.nproc, job.config.trainer.device)
+    world = start_worker(job.world, job.config.trainer.device, log_file)
     try:
         replica = start_replica(world, job.config.parallel, job.config.trainer.device)
     except BaseException as err:
