@@ -169,8 +169,16 @@ def objective(metrics: dict[str, float], name: str, monitor: str | None = None) 
 def main() -> None:
     """Run Hydra; report a composition error in one line (exit 2) unless HYDRA_FULL_ERROR is set.
 
-    A stop signal (SIGTERM, SIGUSR2) at any moment ends the job with exit 128 + the signal."""
+    A stop signal (SIGTERM, SIGUSR2) at any moment ends the job with exit 128 + the signal.
+    `stepwise eval ...` and `stepwise predict ...` (no Hydra override is a bare word) work on a
+    finished run instead: stepwise/eval.py."""
     from stepwise.config.cli_errors import check_launcher
+
+    if sys.argv[1:2] in (["eval"], ["predict"]):
+        from stepwise.eval import main as offline
+
+        offline(sys.argv[2:], sys.argv[1])
+        return
 
     if (message := check_launcher(sys.argv[1:])) is not None:  # Hydra would train here instead
         print(f"error: {message}", file=sys.stderr)

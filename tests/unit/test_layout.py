@@ -20,7 +20,7 @@ SRC = ROOT / "src" / "stepwise"
 # Each one's __init__ docstring says the same ("Layer i of 8: may import `a`, `b`").
 LAYERS = ["contract", "config", "parallel", "data", "models", "loop", "tracking", "run"]
 # Above every subpackage: the entry points at the package root.
-TOP = ("stepwise.main", "stepwise.__main__")
+TOP = ("stepwise.main", "stepwise.__main__", "stepwise.eval", "stepwise.predict")
 # The root __init__ (the version) imports nothing of stepwise, and Python runs it before any
 # module of the package: any module may read it (provenance reads __version__).
 PACKAGE = "stepwise"
@@ -83,7 +83,7 @@ def test_every_subpackage_has_its_layer():
     found = sorted(p.parent.name for p in SRC.glob("*/__init__.py"))
     assert found == sorted(LAYERS)
     assert sorted(m for m in modules() if m.count(".") == 1 and m.split(".")[1] not in LAYERS) == [
-        "stepwise.__main__", "stepwise.main"]
+        "stepwise.__main__", "stepwise.eval", "stepwise.main", "stepwise.predict"]
 
 
 def test_imports_point_down_the_layers():
