@@ -214,10 +214,11 @@ def set_x_axis(page, chart: str, metric: str) -> None:
 
 
 def shoot_runs(page, base: str, sweep: Sweep, path: Path) -> None:
-    """The runs table: the parent expanded, the batch params and final val metrics as columns."""
+    """The runs table: the parent expanded, the batch params, the final val metrics and the test
+    split's accuracy as columns (the parent's: its best child's)."""
     open_runs_table(page, base, sweep)
     show_columns(page, ["Dataset", "Source", "Models", "effective_batch_size", "accum", "lr",
-                        "val/loss", "val/accuracy"])
+                        "val/loss", "val/accuracy", "test/accuracy"])
     fit_run_names(page)
     page.locator('.ag-header-cell[col-id="params.`effective_batch_size`"]').wait_for()
     page.screenshot(path=path)
@@ -230,6 +231,7 @@ def shoot_charts(page, sweep: Sweep, path: Path) -> None:
     parent_row = page.locator('[role="row"]', has=page.get_by_text(sweep.parent_name, exact=True))
     parent_row.locator("label", has_text="Hide run").first.click()
     page.get_by_placeholder("Search metric charts").fill("loss")
+    collapse_section(page, "test")  # test/loss: one point per run, in the first section
     for chart in ("train/loss", "val/loss"):
         set_x_axis(page, chart, "train/samples_seen")
         grow_chart(page, chart, dx=560, dy=80)
@@ -238,6 +240,15 @@ def shoot_charts(page, sweep: Sweep, path: Path) -> None:
     page.set_viewport_size(CHARTS_VIEWPORT)
     page.screenshot(path=path)
     page.set_viewport_size(VIEWPORT)
+
+
+def collapse_section(page, name: str) -> None:
+    """Fold the chart section `name` (the metrics' prefix) away."""
+    header = page.locator(".du-bois-light-collapse-header").filter(
+        has=page.get_by_text(name, exact=True))
+    header.click()
+    page.locator(".du-bois-light-collapse-header[aria-expanded='false']").filter(
+        has=page.get_by_text(name, exact=True)).wait_for()
 
 
 def grow_chart(page, chart: str, dx: int, dy: int) -> None:

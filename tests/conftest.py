@@ -74,6 +74,28 @@ def run_two_ranks(target, *args, timeout: float = 240) -> list:
     return results
 
 
+def by_hand_on_test_split(job: Job, state: dict, shards: int = 1) -> dict[str, float]:
+    """`test/loss` (the mean cross-entropy over the whole test split) and `test/accuracy` of the
+    job's built-in model with `state`'s weights, in one batch; with `shards`, also
+    `mean_of_shard_means`: the average of the per-rank means a naive reduction would log."""
+    import numpy as np
+    import torch
+    from torch.nn import functional as F
+
+    from stepwise.run.build import build_model
+
+    model = build_model(job.config, job.data).eval()
+    model.load_state_dict(state)
+    x, y = torch.as_tensor(job.data.x_test), torch.as_tensor(job.data.y_test)
+    with torch.no_grad():
+        out = model(x)
+    losses = F.cross_entropy(out, y, reduction="none").double()
+    shard_means = [part.mean().item() for part in np.array_split(losses.numpy(), shards)]
+    return {"test/loss": losses.mean().item(),
+            "test/accuracy": (out.argmax(1) == y).double().mean().item(),
+            "mean_of_shard_means": sum(shard_means) / shards}
+
+
 def count_allreduce_rounds(ddp_model) -> list[int]:
     """The buckets DDP all-reduces, one entry per round (a comm hook that records, then runs
     DDP's default all-reduce)."""

@@ -1,7 +1,8 @@
 """trainer.monitor through the real CLI: checkpoints/best.pt holds the best evaluation's weights,
-early stopping ends FINISHED at the predicted evaluation (single and DDP), the monitor's state
-survives a resume, the final and best models load back from MLflow with the checkpoints' outputs,
-a registered model gets a version, and a sweep's parent carries its best child."""
+the test split is evaluated with them, early stopping ends FINISHED at the predicted evaluation
+(single and DDP), the monitor's state survives a resume (and a test evaluation cut short is done
+again), the final and best models load back from MLflow with the checkpoints' outputs, a
+registered model gets a version, and a sweep's parent carries its best child and its test metrics."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from stepwise.data.loaders import fetch
 from stepwise.run.build import build_model
 from stepwise.run.checkpoint import load_checkpoint
 from stepwise.tracking.sweep_report import CSV_NAME
-from tests.conftest import prepare_job, run_cli
+from tests.conftest import by_hand_on_test_split, prepare_job, run_cli
 
 pytestmark = [pytest.mark.cli, pytest.mark.slow]
 
@@ -86,6 +87,19 @@ def test_best_checkpoint_and_the_logged_models(workdir, tmp_path):
     assert _history(client, run.info.run_id, "best/global_step") == [(45, 45), (135, 135)]
     assert "best val/loss=" in proc.stdout + proc.stderr
 
+    # The test split (179 samples) is evaluated with best.pt's weights, not the final ones.
+    job = prepare_job(tmp_path, *BOUNCY, FOUR)
+    by_hand = by_hand_on_test_split(job, best["model"])
+    final = by_hand_on_test_split(job, load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"])
+    assert run.data.metrics["test/loss"] == pytest.approx(by_hand["test/loss"], abs=1e-6)
+    assert run.data.metrics["test/accuracy"] == by_hand["test/accuracy"]
+    assert abs(final["test/loss"] - run.data.metrics["test/loss"]) > 0.01
+    assert _history(client, run.info.run_id, "test/loss") == [(180, run.data.metrics["test/loss"])]
+    assert run.data.tags["stepwise.tested"] == (
+        f"best at global_step 135 (checkpoints/best.pt, val/loss={best_value:.6g})")
+    assert (f"best/global_step=135, test/loss={run.data.metrics['test/loss']:.6g}, test/accuracy="
+            f"{run.data.metrics['test/accuracy']:.6g}, global_step=180") in proc.stdout + proc.stderr
+
     # The same job stopped after epoch 3 ends with exactly best.pt's weights.
     short_dir = workdir / "outputs" / "short"
     run_cli(*BOUNCY, "trainer.max_epochs=3", "logger.log_model=false",
@@ -94,8 +108,8 @@ def test_best_checkpoint_and_the_logged_models(workdir, tmp_path):
     assert short.keys() == best["model"].keys()
     assert all(torch.equal(short[key], best["model"][key]) for key in short)
 
-    # The final and the best model load back from MLflow and give the checkpoints' outputs.
-    job = prepare_job(tmp_path, *BOUNCY, FOUR)
+    # The final and the best model load back from MLflow and give the checkpoints' outputs
+    # (testing the best weights left the final ones in the model).
     inputs, _ = fetch(job.data, torch.float32, 0, list(range(40)))
     mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
     for name, checkpoint in (("model", "last.pt"), ("best_model", "best.pt")):
@@ -144,26 +158,37 @@ def test_early_stopping_ends_finished_at_the_predicted_evaluation(workdir, paral
     assert last["global_step"] == stop and last["monitor"]["stopped_at"] == stop
 
 
-def test_resume_keeps_the_monitor_state(workdir):
+def test_resume_keeps_the_monitor_state(workdir, tmp_path):
     """Two epochs, then resumed to four: the evaluation at 135 is the second in a row without
-    improvement only if the first (at 90, before the resume) was remembered."""
+    improvement only if the first (at 90, before the resume) was remembered. The first two runs
+    end without testing (trainer.test=false: as a job killed during its test evaluation, after
+    its final checkpoint); run again, the job trains nothing and tests best.pt's weights."""
     run_dir = workdir / "outputs" / "resumed"
-    first = run_cli(*NEVER_BETTER, "trainer.max_epochs=2", f"hydra.run.dir={run_dir}",
-                    cwd=workdir, check=True)
+    first = run_cli(*NEVER_BETTER, "trainer.max_epochs=2", "trainer.test=false",
+                    f"hydra.run.dir={run_dir}", cwd=workdir, check=True)
     assert "early stop at" not in first.stdout + first.stderr  # the end comes first
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["monitor"]["bad_evaluations"] == 1
-    second = run_cli(*NEVER_BETTER, FOUR, f"hydra.run.dir={run_dir}", cwd=workdir, check=True)
+    second = run_cli(*NEVER_BETTER, FOUR, "trainer.test=false", f"hydra.run.dir={run_dir}",
+                     cwd=workdir, check=True)
     output = second.stdout + second.stderr
     assert "resumed from" in output and "early stop at global_step 135 of 180" in output
     run = _run_of(_client(workdir), run_dir)
     assert run.info.status == "FINISHED" and run.data.metrics["global_step"] == 135
     assert run.data.metrics["best/global_step"] == 45
     assert load_checkpoint(run_dir / "checkpoints" / "best.pt")["global_step"] == 45
-    # Run again: the early-stopped run is complete, nothing is trained.
+    assert not any(key.startswith("test/") for key in run.data.metrics)
+    # Run again: the early-stopped run is complete, nothing is trained; the test split is.
     third = run_cli(*NEVER_BETTER, FOUR, f"hydra.run.dir={run_dir}", cwd=workdir, check=True)
     assert "executed as planned up to its early stop at global_step 135" in third.stdout + \
         third.stderr
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["global_step"] == 135
+    run = _run_of(_client(workdir), run_dir)
+    by_hand = by_hand_on_test_split(prepare_job(tmp_path, *NEVER_BETTER, FOUR, "dry_run=true"),
+                                    load_checkpoint(run_dir / "checkpoints" / "best.pt")["model"])
+    assert run.data.metrics["test/loss"] == pytest.approx(by_hand["test/loss"], abs=1e-6)
+    assert _history(_client(workdir), run.info.run_id, "test/loss") == [
+        (135, run.data.metrics["test/loss"])]
+    assert run.data.tags["stepwise.tested"].startswith("best at global_step 45 ")
 
 
 def test_a_sweep_parent_carries_its_best_child(workdir):
@@ -189,6 +214,14 @@ def test_a_sweep_parent_carries_its_best_child(workdir):
     [marked] = [row for row in rows if row["best_child"] == "True"]
     assert marked["run_id"] == best.info.run_id
     assert float(marked["best/val/loss"]) == best.data.metrics["best/val/loss"]
+    # The best child's test metrics (of its best.pt weights), beside the objective.
+    for key in ("test/loss", "test/accuracy"):
+        assert parent.data.metrics[key] == best.data.metrics[key], key
+        assert [float(row[key]) for row in rows] == [
+            child.data.metrics[key] for child in sorted(
+                children, key=lambda r: int(r.data.tags["stepwise.job_num"]))], key
+    assert len({child.data.metrics["test/loss"] for child in children}) == 3
+    assert f"test/loss={best.data.metrics['test/loss']:.6g}" in proc.stdout + proc.stderr
 
 
 def test_a_metric_the_run_does_not_log_is_one_line_before_any_work(workdir):

@@ -18,7 +18,14 @@ from stepwise.parallel.replica import start_replica, stop_replica
 from stepwise.run.build import build_trainer
 from stepwise.run.checkpoint import load_checkpoint
 from stepwise.tracking.tracker import NullTracker
-from tests.conftest import ROOT, count_allreduce_rounds, prepare_job, run_cli, run_two_ranks
+from tests.conftest import (
+    ROOT,
+    by_hand_on_test_split,
+    count_allreduce_rounds,
+    prepare_job,
+    run_cli,
+    run_two_ranks,
+)
 
 pytestmark = [pytest.mark.ddp, pytest.mark.cli]
 
@@ -124,6 +131,44 @@ def test_parallel_ddp_accum_8_is_one_job(workdir):
     assert steps == [1, 2, 3, 4, 5, 6]
     val = client.get_metric_history(run.info.run_id, "val/accuracy")
     assert len(val) == 2 and all(0.0 <= m.value <= 1.0 for m in val)
+
+
+# digits, b=16 on 2 ranks: 45 steps per epoch. monitor_mode=max on a falling val/loss keeps the
+# first evaluation (step 45) as the best, so best.pt's weights are not the final ones (step 90).
+TESTED = ("model.hidden_sizes=[32]", "data.batch_size=16", "trainer.max_epochs=2",
+          "trainer.monitor=val/loss", "trainer.monitor_mode=max", "logger.log_model=false",
+          "trainer.progress_bar=false", "parallel.nproc=2")
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_the_test_split_is_tested_exactly_with_the_best_weights_over_uneven_shards(
+        workdir, tmp_path, parallel):
+    """The 179 test samples are sharded 90 + 89 over the ranks (each rank evaluates its shard in
+    batches of 16, the last ones of 10 and 9): test/loss is the mean over all 179, with best.pt's
+    weights, not the mean of the ranks' means, nor the final weights' loss."""
+    run_dir = workdir / "outputs" / parallel
+    proc = run_cli(*TESTED, f"parallel={parallel}", f"hydra.run.dir={run_dir}", cwd=workdir,
+                   check=True)
+    _, [run] = _runs(workdir)
+    best = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert (best["global_step"], last["global_step"]) == (45, 90)
+    job = prepare_job(tmp_path, *TESTED, f"parallel={parallel}", "dry_run=true")
+    assert (job.data.test_samples, job.plan.test_samples) == (179, 179)
+    expected = by_hand_on_test_split(job, best["model"], shards=2)
+    metrics = run.data.metrics
+    assert metrics["test/loss"] == pytest.approx(expected["test/loss"], abs=1e-6)
+    assert metrics["test/accuracy"] == expected["test/accuracy"]
+    # The test can tell the exact reduction from a mean of means, and best from final weights.
+    assert abs(expected["mean_of_shard_means"] - expected["test/loss"]) > 1e-4
+    assert abs(by_hand_on_test_split(job, last["model"])["test/loss"] - metrics["test/loss"]) > 0.1
+    assert [m.step for m in _client(workdir).get_metric_history(run.info.run_id, "test/loss")] \
+        == [90]
+    assert run.data.tags["stepwise.tested"] == (
+        f"best at global_step 45 (checkpoints/best.pt, val/loss={best['best_value']:.6g})")
+    output = proc.stdout + proc.stderr
+    assert f"test/loss={metrics['test/loss']:.6g}, test/accuracy={metrics['test/accuracy']:.6g}, " \
+        "global_step=90" in output
 
 
 def test_torchrun_makes_one_run_dir_and_one_mlflow_run(workdir):

@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from stepwise.contract.errors import ConfigError
 from stepwise.data.loaders import make_loaders
 from stepwise.parallel.replica import Replica
 from stepwise.run.checkpoint import load_checkpoint
@@ -60,8 +61,10 @@ def test_imagefolder_trains_one_epoch_through_the_cli(workdir):
                    "accum=2", "trainer.max_epochs=1", "trainer.progress_bar=false",
                    "data.num_workers=2", "data.persistent_workers=true", cwd=workdir, check=True)
     run = _run(workdir)
-    # 36 images, round(0.2 x 36) = 7 for validation: 29 train = 3 windows of 16, the last of 13
+    # 36 images, round(0.2 x 36) = 7 held out (4 validation, 3 test): 29 train = 3 windows of
+    # 16, the last of 13
     assert run.data.params["train_samples"] == "29", proc.stdout
+    assert (run.data.params["val_samples"], run.data.params["test_samples"]) == ("4", "3")
     assert run.data.metrics["global_step"] == 2 and run.info.status == "FINISHED"
     assert run.data.metrics["train/samples_seen"] == 29
     assert 0 <= run.data.metrics["val/accuracy"] <= 1
@@ -73,8 +76,33 @@ def test_mnist_files_train_one_epoch(workdir):
     run_cli("data=mnist", f"data.root={root}", "model=cnn", "data.batch_size=8",
             "trainer.max_epochs=1", "trainer.progress_bar=false", cwd=workdir, check=True)
     run = _run(workdir)
-    assert (run.data.params["train_samples"], run.data.metrics["global_step"]) == ("40", 5)
+    # 40 training images: round(0.1 x 40) = 4 for validation, 36 = 5 batches of 8 (the last of
+    # 4) for training; the 12 test images (t10k-*) are the test split.
+    assert (run.data.params["train_samples"], run.data.metrics["global_step"]) == ("36", 5)
+    assert (run.data.params["val_samples"], run.data.params["test_samples"]) == ("4", "12")
+    assert 0 <= run.data.metrics["test/accuracy"] <= 1
+    assert run.data.tags["stepwise.tested"] == "final at global_step 5"
     assert run.data.params["data.mean"] == "[0.1307]"
+
+
+def test_imagefolder_test_root_and_fractions_make_the_splits(tmp_path):
+    colours = write_imagefolder(tmp_path / "colours")  # 36 images
+    held = write_imagefolder(tmp_path / "held", per_class=2)  # 6
+    data = prepare_job(tmp_path / "a", "data=imagefolder", f"data.root={colours}", "model=cnn",
+                       f"data.test_root={held}", "dry_run=true").data
+    # test from its folder; validation still round(0.1 x 36) = 4 of root, the rest trains
+    assert (data.train_samples, data.val_samples, data.test_samples) == (32, 4, 6)
+    assert len(data.test_set(torch.float32)) == 6 and data.test_indices is None
+    assert sorted([*data.train_indices, *data.val_indices]) == list(range(36))
+    data = prepare_job(tmp_path / "b", "data=imagefolder", f"data.root={colours}", "model=cnn",
+                       "data.test_fraction=0.25", "dry_run=true").data
+    assert (data.train_samples, data.val_samples, data.test_samples) == (23, 4, 9)
+    assert sorted([*data.train_indices, *data.val_indices, *data.test_indices]) == list(range(36))
+    (held / "purple").mkdir()
+    (held / "green" / "0.png").rename(held / "purple" / "0.png")
+    with pytest.raises(ConfigError, match="data.test_root=.*: its classes differ from data.root's"):
+        prepare_job(tmp_path / "c", "data=imagefolder", f"data.root={colours}", "model=cnn",
+                    f"data.test_root={held}", "dry_run=true")
 
 
 @pytest.mark.cli

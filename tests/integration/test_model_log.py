@@ -34,8 +34,8 @@ sys.path.insert(0, str(FIXTURES))  # userpkg, as its configs name it
 
 LM = ("data=tinytext", "model=tiny_lm", "loss=cross_entropy", "metrics=none", "logger=none",
       "data.train.samples=40", "data.train.min_len=1", "data.train.max_len=24",
-      "data.val.samples=8", "data.val.max_len=24", "model.dim=16", "model.layers=1",
-      "model.heads=2", "model.context=24")
+      "data.val.samples=8", "data.val.max_len=24", "data.test.samples=8", "data.test.max_len=24",
+      "model.dim=16", "model.layers=1", "model.heads=2", "model.context=24")
 SEARCHPATH = "hydra.searchpath=[pkg://userpkg.conf]"
 BAG = (SEARCHPATH, "experiment=seqs", "logger=none")
 GRU = (SEARCHPATH, "experiment=gru", "logger=none")  # userpkg.models.GRUClassifier

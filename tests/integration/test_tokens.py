@@ -25,8 +25,9 @@ from tests.conftest import count_allreduce_rounds, prepare_job, run_cli, run_two
 TEXT = ("data=tinytext", "model=tiny_lm", "loss=cross_entropy", "metrics=none", "logger=none",
         "trainer.precision=64", "trainer.progress_bar=false", "data.train.samples=101",
         "data.train.min_len=1", "data.train.max_len=24", "data.val.samples=16",
-        "data.val.max_len=24", "model.dim=16", "model.layers=1", "model.heads=2",
-        "model.context=24", "optim.lr=0.5", "optim.momentum=0.0", "trainer.max_epochs=2")
+        "data.val.max_len=24", "data.test.samples=16", "data.test.max_len=24", "model.dim=16",
+        "model.layers=1", "model.heads=2", "model.context=24", "optim.lr=0.5",
+        "optim.momentum=0.0", "trainer.max_epochs=2")
 CPU = Replica("single", 0, 1, torch.device("cpu"))
 
 

@@ -52,9 +52,38 @@ def test_a_user_project_trains_from_its_own_config_groups(parallel, workdir):
     assert run.data.params["model._target_"] == "userpkg.models.BagOfTokens"
     assert run.data.params["loss._target_"] == "userpkg.losses.Focal"
     assert int(run.data.metrics["global_step"]) == int(run.data.params["total_optimizer_steps"])
-    for name in ("val/loss", "val/accuracy", "val/f1"):
+    for name in ("val/loss", "val/accuracy", "val/f1", "test/loss", "test/accuracy", "test/f1"):
         assert 0 <= run.data.metrics[name] <= 1, name
     assert run.data.metrics["val/accuracy"] > 0.5  # 50 validation sequences, two classes
+    assert run.data.params["test_samples"] == "41"  # data.test (41: uneven shards in DDP)
+    steps = run.data.params["total_optimizer_steps"]
+    assert run.data.tags["stepwise.tested"] == f"final at global_step {steps}"
+
+
+def test_a_user_test_dataset_is_tested_exactly_after_fitting(tmp_path):
+    """data.test by _target_: its 41 sequences, in batches of 16 padded each to its longest,
+    give the loss and the torchmetrics of the final weights over all of them at once."""
+    from userpkg.data import Sequences, pad_collate
+
+    job = prepare_job(tmp_path, SEARCHPATH, "experiment=seqs", "loss=cross_entropy", "logger=none",
+                      "trainer.precision=64", "trainer.max_epochs=1")
+    assert (job.data.test_samples, job.plan.test_samples) == (41, 41)
+    metrics = train(job, Replica("single", 0, 1, torch.device("cpu")), NullTracker())
+    # imported after the run's metrics imported torchvision the way a CPU-only torch needs
+    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+    model = build_trainer(job, Replica("single", 0, 1, torch.device("cpu")), NullTracker()).model
+    model.load_state_dict(load_checkpoint(job.run_dir / "checkpoints" / "last.pt")["model"])
+    test = Sequences(size=41, seed=2)
+    batch = pad_collate([test[i] for i in range(41)])
+    with torch.no_grad():
+        out = model(tokens=batch["tokens"], mask=batch["mask"])
+    assert metrics["test/loss"] == pytest.approx(F.cross_entropy(out, batch["target"]).item(),
+                                                 abs=1e-12)
+    assert metrics["test/accuracy"] == pytest.approx(
+        multiclass_accuracy(out, batch["target"], 2, average="micro").item(), abs=1e-12)
+    assert metrics["test/f1"] == pytest.approx(
+        multiclass_f1_score(out, batch["target"], 2, average="macro").item(), abs=1e-12)
+    assert list(metrics)[-4:] == ["test/loss", "test/accuracy", "test/f1", "global_step"]
 
 
 def _tags_weights(tmp_path: Path, b: int, k: int) -> dict[str, torch.Tensor]:

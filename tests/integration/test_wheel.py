@@ -167,6 +167,7 @@ def _check_example_run(workdir: Path, world_size: int, accum: int):
         "parity.models.BagOfTokens", "parity.losses.FocalLoss", "parity.metrics.BalancedAccuracy"]
     assert metrics["val/loss"] < 0.1  # focal loss; it starts near 0.17 (ln 2 / 4)
     assert metrics["val/accuracy"] > 0.8 and metrics["val/balanced_accuracy"] > 0.8
+    assert metrics["test/accuracy"] > 0.8 and metrics["test/balanced_accuracy"] > 0.8  # data.test
     return params, metrics
 
 

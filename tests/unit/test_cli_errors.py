@@ -57,6 +57,16 @@ def _composition_line(*overrides: str) -> str | None:
     (["data=mnist", "data.num_features=4"],
      "data.num_features=4: no such key for data=mnist (it is a key of data=synthetic); fix: "
      "replace data=mnist by data=synthetic"),
+    # A split an option does not have: MNIST's and CIFAR-10's test split is their own test set.
+    (["data=mnist", "data.test_fraction=0.1"],
+     "data.test_fraction=0.1: data=mnist's test split is its own test set (read from data.root), "
+     "not a part of its training set; fix: drop it (data.val_fraction sets the validation part "
+     "of the training set), or use data=imagefolder for a split of your own"),
+    (["data=synthetic", "data.test_fraction=0.2"],
+     "data.test_fraction=0.2: no such key for data=synthetic (it is a key of "
+     "data=digits|imagefolder); fix: replace data=synthetic by one of data=digits|imagefolder"),
+    (["data.test={_target_: mypkg.Test}"], "data.test={_target_: mypkg.Test}: no such key for "
+     "data=digits (it is a key of data=dataset); fix: add data=dataset"),
     # A misspelling: the nearest key, and whose it is when it is another option's.
     (["parallel.timeout=5"], "parallel.timeout=5: no such key for parallel=single; fix: did you "
                              "mean parallel.timeout_s, a key of parallel=ddp|fsdp? (add one of "

@@ -73,7 +73,8 @@ def test_default_config_values():
     assert (config.model.hidden_sizes, config.data.batch_size, config.accum) == ([128, 128], 32, None)
     assert type(config.optim).__name__ == "SGDConfig" and config.optim.momentum == 0.9
     data = build_data({"_target_": "stepwise.data.digits", "batch_size": 1})
-    assert (len(data.x_train), len(data.x_val), data.input_shape) == (1438, 359, (64,))
+    assert (data.train_samples, data.val_samples, data.test_samples, data.input_shape) == (
+        1438, 180, 179, (64,))
 
 
 def test_linreg_experiment_is_the_textbook_setup():

@@ -46,15 +46,18 @@ def test_lengths_are_within_bounds_with_a_wide_spread_and_are_the_item_counts():
         assert torch.equal(sample["tokens"][1:], sample["target"][:-1])  # next-character targets
 
 
-def test_train_and_val_read_disjoint_regions_of_the_corpus():
+def test_train_val_and_test_read_disjoint_regions_of_the_corpus():
     ids = encode(text.corpus())
     train, val = TinyText("train", samples=512), TinyText("val", samples=512, seed=1)
-    boundary = len(train.region)
-    assert len(train.region) + len(val.region) == len(ids)
-    assert torch.equal(train.region, ids[:boundary]) and torch.equal(val.region, ids[boundary:])
-    assert (train.offsets + train.item_counts + 1 <= len(train.region)).all()  # inside the region
-    assert (val.offsets + val.item_counts + 1 <= len(val.region)).all()
-    assert (train.offsets >= 0).all() and (val.offsets >= 0).all()
+    test = TinyText("test", samples=512, seed=2)
+    boundary, middle = len(train.region), len(train.region) + len(val.region)
+    assert boundary == len(ids) - int(len(ids) * 0.1)  # the first 90%, as before the test split
+    assert middle + len(test.region) == len(ids) and abs(len(val.region) - len(test.region)) <= 1
+    assert torch.equal(train.region, ids[:boundary])
+    assert torch.equal(val.region, ids[boundary:middle]) and torch.equal(test.region, ids[middle:])
+    for data in (train, val, test):
+        assert (data.offsets + data.item_counts + 1 <= len(data.region)).all()  # inside it
+        assert (data.offsets >= 0).all()
 
 
 def test_pad_collate_pads_tokens_with_pad_and_targets_with_ignore_index():
@@ -68,7 +71,7 @@ def test_pad_collate_pads_tokens_with_pad_and_targets_with_ignore_index():
 
 
 @pytest.mark.parametrize(("kwargs", "named"), [
-    ({"split": "test"}, "split='test'"),
+    ({"split": "valid"}, "split='valid'"),
     ({"samples": 0}, "samples=0"),
     ({"min_len": 0}, "min_len=0"),
     ({"min_len": 10, "max_len": 9}, "max_len=9"),
@@ -144,3 +147,20 @@ def test_the_tinytext_experiment_composes_and_builds(tmp_path):
     real = target != -100
     assert real.sum() == sum(len(job.data.train_set()[i]["target"]) for i in range(4))
     assert abs(values[real].mean().item() - np.log(VOCAB_SIZE)) < 0.2
+
+
+def test_a_test_sequence_longer_than_the_context_is_one_line_before_any_work(tmp_path):
+    """The test split is evaluated after training: its sequences are checked against the
+    model's context before it, as the training ones are."""
+    from stepwise.contract.errors import ConfigError
+    from tests.conftest import prepare_job
+
+    short = ("data=tinytext", "model=tiny_lm", "logger=none", "dry_run=true", "model.context=24",
+             "data.train.max_len=24", "data.val.max_len=24")
+    with pytest.raises(ConfigError, match=r"^model.context=24: sample \d+ of data.test has \d+ "
+                                          r"tokens, more than the model's context of 24; fix: set "
+                                          r"model.context=\d+, or cap the data's lengths "
+                                          r"\(e.g. data.test.max_len=24\)$"):
+        prepare_job(tmp_path / "a", *short)
+    job = prepare_job(tmp_path / "b", *short, "data.test.max_len=24")
+    assert (job.data.val_samples, job.data.test_samples) == (256, 256)

@@ -65,6 +65,13 @@ REFUSED = {("parallel.device_ids", "fsdp"): (
     "devices from one process, as nn.DataParallel does",
     "drop parallel.device_ids; parallel.nproc sets the processes (one per GPU), "
     "CUDA_VISIBLE_DEVICES which GPUs")}
+# MNIST's and CIFAR-10's test split is their own test set: no key chooses another.
+REFUSED.update({(key, option): (
+    f"data={option}'s test split is its own test set (read from data.root), not a part of its "
+    "training set", "drop it (data.val_fraction sets the validation part of the training set), "
+    "or use data=imagefolder for a split of your own") for key in ("data.test_fraction",
+                                                                  "data.test_root")
+    for option in ("mnist", "cifar10")})
 
 
 def _option_key(key: str, schema: type | None, argv: Sequence[str],

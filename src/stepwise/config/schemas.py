@@ -67,7 +67,8 @@ class DataConfig:
 @dataclass
 class DigitsConfig(DataConfig):
     _target_: str = "stepwise.data.digits"
-    val_fraction: float = 0.2
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
     split_seed: int = 0
 
 
@@ -77,6 +78,7 @@ class SyntheticConfig(DataConfig):
     task: str = "classification"
     train_samples: int = 1024
     val_samples: int = 256
+    test_samples: int = 256
     num_features: int = 32
     num_classes: int = 10
     noise_std: float = 0.1
@@ -92,13 +94,15 @@ class LinRegConfig(DataConfig):
     noise_std: float = 0.01
     train_samples: int = 1000
     val_samples: int = 1000
+    test_samples: int = 1000
     seed: int = 0
 
 
 @dataclass
 class ImageDataConfig(DataConfig):
     """Images through torchvision. The transforms (`_target_` lists, e.g. v2.RandomCrop) run
-    between "to a float tensor in [0, 1]" and "normalise with mean and std"."""
+    between "to a float tensor in [0, 1]" and "normalise with mean and std"; `val_transforms`
+    serve validation and test."""
 
     train_transforms: list[Any] = field(default_factory=list)
     val_transforms: list[Any] = field(default_factory=list)
@@ -113,6 +117,7 @@ class FakeDataConfig(ImageDataConfig):
     num_classes: int = 10
     train_samples: int = 512
     val_samples: int = 128
+    test_samples: int = 128
     seed: int = 0
 
 
@@ -120,16 +125,23 @@ class FakeDataConfig(ImageDataConfig):
 class ImageFolderConfig(ImageDataConfig):
     _target_: str = "stepwise.data.imagefolder"
     root: str | None = None
-    val_root: str | None = None
-    val_fraction: float = 0.2
+    val_root: str | None = None  # null: a seeded val_fraction of root
+    test_root: str | None = None  # null: a seeded test_fraction of root
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
     split_seed: int = 0
 
 
 @dataclass
 class TorchvisionDataConfig(ImageDataConfig):
+    """MNIST, CIFAR-10: validation a seeded `val_fraction` of their training set, the test split
+    their own test set."""
+
     _target_: str = MISSING
     root: str | None = None
     download: bool = False
+    val_fraction: float = 0.1
+    split_seed: int = 0
 
 
 @dataclass
@@ -140,6 +152,7 @@ class DatasetConfig(DataConfig):
     _target_: str = "stepwise.data.datasets"
     train: Any = MISSING  # {_target_: mypkg.data.MyDataset, ...}
     val: Any = None
+    test: Any = None  # the held-out test set, evaluated after fitting (trainer.test)
     collate_fn: Any = None  # {_target_: mypkg.data.collate, _partial_: true}
     num_outputs: int | None = None  # null: the train dataset's `num_classes` attribute, if any
     task: str = "classification"  # chooses the default loss and metrics
@@ -232,6 +245,8 @@ class TrainerConfig:
     monitor_mode: str = "min"  # min | max
     early_stopping_patience: int | None = None  # evaluations without improvement; null: off
     min_delta: float = 0.0  # an improvement must beat the best by more than this
+    # After fitting, evaluate the best (trainer.monitor) else final weights on the test split.
+    test: bool = True
 
 
 @dataclass

@@ -119,6 +119,9 @@ class Plan:
     final_lr: float = 0.0
     # Legal values that are most likely slips, one line each (stepwise/contract/advice.py).
     warnings: tuple[str, ...] = ()
+    # The evaluation splits' sizes, stated beside N (no count of the training depends on them).
+    val_samples: int = 0
+    test_samples: int = 0
 
     # -- windows and shards -------------------------------------------------------------------
     def window(self, step_in_epoch: int) -> Window:
@@ -199,6 +202,7 @@ class Plan:
         )
         rows = [
             ("train_samples (N)", self.train_samples),
+            ("val_samples, test_samples", f"{self.val_samples}, {self.test_samples}"),
             ("per_device_batch_size (b)", self.per_device_batch_size),
             ("accum (k)", self.accum),
             ("world_size (W)", self.world_size),
@@ -281,11 +285,14 @@ def make_plan(
     lr_rule: str = "none",
     base_batch_size: int = 32,
     schedule: dict | None = None,
+    val_samples: int = 0,
+    test_samples: int = 0,
 ) -> Plan:
     """Validate the inputs and compute the plan (DESIGN section 1, rules 1 to 4).
 
     Args:
         schedule: the `schedule` config keys (name, unit, warmup, ...); None: constant LR.
+        val_samples, test_samples: the sizes of the evaluation splits, stated in the plan.
 
     Raises:
         ConfigError: a bad size or budget, or a plan with no optimizer step at all.
@@ -311,6 +318,7 @@ def make_plan(
         epochs=0, budget="", total_optimizer_steps=0, total_micro_steps=0, total_samples=0,
         lr_rule=lr_rule, base_lr=float(base_lr),
         base_batch_size=base_batch_size, lr_scale_factor=factor, lr=float(base_lr) * factor,
+        val_samples=val_samples, test_samples=test_samples,
     )
     budgets = {  # optimizer steps each budget allows; the smallest binds (ties: listed first)
         "max_epochs": max_epochs * steps_per_epoch if max_epochs != -1 else math.inf,

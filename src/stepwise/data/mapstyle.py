@@ -1,5 +1,5 @@
-"""A user's own data: any map-style `torch.utils.data.Dataset` for training and validation, by
-`_target_`, with an optional collate function (DESIGN section 5).
+"""A user's own data: any map-style `torch.utils.data.Dataset` for training, validation and test,
+by `_target_`, with an optional collate function (DESIGN section 5).
 
 The datasets are described, not held: every process (each DDP rank, each loader worker) builds
 its own from the same config, as it would with torchvision's. Within a process each is built
@@ -25,7 +25,8 @@ TASKS = ("classification", "regression")
 
 @dataclass(frozen=True)
 class DatasetData:
-    """Train and validation datasets by config, with what the plan and the model need of them."""
+    """Train, validation and test datasets by config, with what the plan and the model need of
+    them."""
 
     train: dict[str, Any]
     val: dict[str, Any] | None
@@ -38,12 +39,17 @@ class DatasetData:
     input_shape: tuple[int, ...] | None = None  # one sample's input, when it is one tensor
     # The training set's `item_counts`: loss items per sample (stepwise/contract/items.py); None: counted.
     item_counts: Any = field(default=None, compare=False)
+    test: dict[str, Any] | None = None
+    test_samples: int = 0
 
     def train_set(self, dtype=None, seed: int = 0):
         return NamedDataset(_built("data.train", self.train), "data.train")
 
     def val_set(self, dtype=None):
         return NamedDataset(_built("data.val", self.val), "data.val") if self.val is not None else None
+
+    def test_set(self, dtype=None):
+        return NamedDataset(_built("data.test", self.test), "data.test") if self.test else None
 
     def collate(self, dtype) -> Callable[[list], tuple[Any, Any]]:
         """The loader's collate function: the user's (or torch's default), then split and cast."""
@@ -78,7 +84,8 @@ class Collate:
 
 def datasets(train: Mapping[str, Any], val: Mapping[str, Any] | None = None,
              collate_fn: Mapping[str, Any] | None = None, num_outputs: int | None = None,
-             task: str = "classification", target_key: str = "target") -> DatasetData:
+             task: str = "classification", target_key: str = "target",
+             test: Mapping[str, Any] | None = None) -> DatasetData:
     """Build the datasets once, to learn their sizes and a sample's shape (the `data` group's
     generic option, and a user's data group without a stepwise schema)."""
     if task not in TASKS:
@@ -86,11 +93,13 @@ def datasets(train: Mapping[str, Any], val: Mapping[str, Any] | None = None,
     described = DatasetData(train=dict(train), val=dict(val) if val else None,
                             collate_fn=dict(collate_fn) if collate_fn else None,
                             target_key=target_key, task=task, train_samples=0, val_samples=0,
-                            num_outputs=num_outputs)
-    train_set, val_set = described.train_set(), described.val_set()
+                            num_outputs=num_outputs, test=dict(test) if test else None)
+    train_set = described.train_set()
     sizes = {"data.train": _length("data.train", train, train_set)}
-    if val_set is not None:
-        sizes["data.val"] = _length("data.val", val, val_set)
+    for key, node, dataset in (("data.val", val, described.val_set()),
+                               ("data.test", test, described.test_set())):
+        if dataset is not None:
+            sizes[key] = _length(key, node, dataset)
     if sizes["data.train"] == 0:
         raise ConfigError("data.train", train.get("_target_"), "the training dataset is empty "
                           "(len 0)", "check its arguments")
@@ -98,7 +107,8 @@ def datasets(train: Mapping[str, Any], val: Mapping[str, Any] | None = None,
     import dataclasses
 
     return dataclasses.replace(described, train_samples=sizes["data.train"],
-                               val_samples=sizes.get("data.val", 0), num_outputs=outputs,
+                               val_samples=sizes.get("data.val", 0),
+                               test_samples=sizes.get("data.test", 0), num_outputs=outputs,
                                input_shape=_input_shape(train_set),
                                item_counts=getattr(train_set, "item_counts", None))
 

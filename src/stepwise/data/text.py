@@ -31,8 +31,8 @@ MODULES = (
     "threading", "time", "typing", "unittest", "urllib.parse", "uuid", "warnings", "weakref",
     "zipfile",
 )
-SPLITS = ("train", "val")
-VAL_FRACTION = 0.1  # the corpus's last 10% is the validation region
+SPLITS = ("train", "val", "test")
+HELD_OUT_FRACTION = 0.1  # the corpus's last 10%: its first half validation, its second half test
 
 PAD_ID = 0  # padding: never a character
 UNK_ID = 1  # any character outside the vocabulary
@@ -95,10 +95,12 @@ def _encoded_corpus() -> torch.Tensor:
 
 
 def _region(split: str) -> torch.Tensor:
-    """The ids of a split's part of the corpus: the last `VAL_FRACTION` for val, the rest train."""
+    """The ids of a split's part of the corpus: the first 90% for train, then val, then test
+    (the last `HELD_OUT_FRACTION` cut in two halves)."""
     ids = _encoded_corpus()
-    boundary = len(ids) - int(len(ids) * VAL_FRACTION)
-    return ids[:boundary] if split == "train" else ids[boundary:]
+    boundary = len(ids) - int(len(ids) * HELD_OUT_FRACTION)
+    middle = boundary + (len(ids) - boundary) // 2
+    return {"train": ids[:boundary], "val": ids[boundary:middle], "test": ids[middle:]}[split]
 
 
 class TinyText(Dataset):
@@ -106,10 +108,10 @@ class TinyText(Dataset):
 
     Sample i is a slice of L_i + 1 consecutive characters at a seeded random offset in the split's
     region, L_i uniform in [min_len, max_len]: `{"tokens": ids[:-1], "target": ids[1:]}`, both
-    int64 of shape (L_i,). The train and val regions do not overlap.
+    int64 of shape (L_i,). The train, val and test regions do not overlap.
 
     Args:
-        split: "train" (the corpus's first 90%) or "val" (its last 10%).
+        split: "train" (the corpus's first 90%), "val" (the next 5%) or "test" (the last 5%).
         samples: number of slices (the dataset's length).
         min_len: fewest characters to predict in a sample.
         max_len: most characters to predict in a sample (the model's context must hold it).

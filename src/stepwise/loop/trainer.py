@@ -306,13 +306,15 @@ class Trainer:
         return inputs, target
 
     # -- validation and the final check ------------------------------------------------------------
-    def evaluate(self) -> dict[str, float]:
-        """Exact validation metrics over this process's shard (stepwise/loop/validation.py)."""
-        with naming_user_errors(lambda: f"validation after epoch {self.counters.epoch}, "
+    def evaluate(self, split: str = "val", loader=None) -> dict[str, float]:
+        """Exact `<split>/*` metrics over this process's shard of the validation set, or of
+        `loader`'s split (stepwise/loop/validation.py)."""
+        when = f"after epoch {self.counters.epoch}" if split == "val" else "after fitting"
+        with naming_user_errors(lambda: f"{'validation' if split == 'val' else split} {when}, "
                                         f"global_step {self.counters.global_step}, "
                                         f"rank {self.replica.rank}"):
-            return evaluate(self.model, self.val_loader, self.loss, self.metrics, self.replica,
-                            self.precision, self._on_device)
+            return evaluate(self.model, self.val_loader if loader is None else loader, self.loss,
+                            self.metrics, self.replica, self.precision, self._on_device, prefix=split)
 
     def _evaluate_and_log(self) -> dict[str, float]:
         """Evaluate after reading the steps before (timed without it), and log the metrics

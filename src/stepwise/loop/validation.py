@@ -1,5 +1,6 @@
-"""Validation: exact metrics over the validation set, reduced over ranks as sums and counts
-(and torchmetrics states), never as means of means. `val/loss` is the mean over the real items.
+"""Validation (and test): exact metrics over an evaluation split, reduced over ranks as sums and
+counts (and torchmetrics states), never as means of means. `val/loss` is the mean over the real
+items.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from stepwise.models.losses import item_mask, masked_sum, per_sample
 
 @torch.no_grad()
 def evaluate(model, loader, loss, metrics: dict[str, Any] | None, replica, precision,
-             on_device: Callable) -> dict[str, float]:
+             on_device: Callable, prefix: str = "val") -> dict[str, float]:
     """`val/loss`, and `val/<name>` of each torchmetrics metric, or, with `metrics` None, the
     loop's own `val/accuracy` (every real item's argmax).
 
     Args:
         on_device: puts an (inputs, target) pair where (and in the layout) the model takes it.
+        prefix: the metrics' prefix in place of `val` (`test` for the test split).
     """
     model.eval()
     totals = torch.zeros(3, device=replica.device, dtype=torch.float64)  # loss, items, correct
@@ -43,13 +45,13 @@ def evaluate(model, loader, loss, metrics: dict[str, Any] | None, replica, preci
             metric.update(out.float() if out.is_floating_point() else out, target)
     model.train()
     loss_sum, count, correct = replica.sum(totals).tolist()
-    results = {"val/loss": loss_sum / max(count, 1)}
+    results = {f"{prefix}/loss": loss_sum / max(count, 1)}
     if metrics is None:
-        results["val/accuracy"] = correct / max(count, 1)
+        results[f"{prefix}/accuracy"] = correct / max(count, 1)
     for name, metric in (metrics or {}).items():
         value = metric.compute()  # torchmetrics sums the states over ranks first
         metric.reset()
-        results.update(scalars(f"val/{name}", value))
+        results.update(scalars(f"{prefix}/{name}", value))
     return results
 
 

@@ -151,16 +151,32 @@ def training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[s
 def load_full(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """Load a full checkpoint (single or ddp wrote it) into an FSDP model: every rank keeps
     its shards of the whole tensors it read."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, state["model"], options=options)
+    load_full_model(model, state["model"])
     set_optimizer_state_dict(model, optimizer, _by_name(model, state["optimizer"]),
-                             options=options)
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def load_full_model(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a full model state dict (every rank holds all of it) into an FSDP model: every rank
+    keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
+def sharded_model_state(model: nn.Module) -> dict[str, Any]:
+    """This rank's shards of the model's state (DTensors), as `load_sharded_model` takes them."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model)
+
+
+def load_sharded_model(model: nn.Module, state: dict[str, Any]) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(model, state)
 
 
 def _by_name(model: nn.Module, optimizer_state: dict[str, Any]) -> dict[str, Any]:

@@ -121,6 +121,27 @@ class Replica:
         self.unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
 
+    def load_model_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Load a bare model's full state dict (a checkpoint's `model`) into the wrapped model;
+        under FSDP every rank keeps its shards of it."""
+        if self.mode == "fsdp":
+            fsdp.load_full_model(self.unwrap(model), state)
+        else:
+            self.unwrap(model).load_state_dict(state)
+
+    def weights_copy(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """A copy of this process's weights (its shards under FSDP), for `restore_weights`."""
+        state = (fsdp.sharded_model_state(self.unwrap(model)) if self.mode == "fsdp"
+                 else self.unwrap(model).state_dict())
+        return {key: value.detach().clone() for key, value in state.items()}
+
+    def restore_weights(self, model: nn.Module, copy: dict[str, torch.Tensor]) -> None:
+        """Put back the weights of `weights_copy`."""
+        if self.mode == "fsdp":
+            fsdp.load_sharded_model(self.unwrap(model), copy)
+        else:
+            self.unwrap(model).load_state_dict(copy)
+
     def all_gather_object(self, obj):
         """[obj of rank 0, obj of rank 1, ...] (a one-element list with one process)."""
         if not self.distributed:

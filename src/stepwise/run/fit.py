@@ -1,4 +1,5 @@
-"""One replica's training: build the parts, resume if asked, fit, write the final checkpoint."""
+"""One replica's training: build the parts, resume if asked, fit, write the final checkpoint,
+evaluate the test split."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from stepwise.loop.trainer_parts import NullProgress
 from stepwise.parallel.replica import Replica
 from stepwise.run.build import build_trainer
 from stepwise.run.model_log import log_run_models
+from stepwise.run.testing import evaluate_test_split
 
 log = logging.getLogger("stepwise.run.runner")
 
@@ -45,7 +47,9 @@ def _model_to_log(job, replica: Replica, model):
 
 def train(job, replica: Replica, tracker, resumed: dict[str, Any] | None = None
           ) -> dict[str, float]:
-    """Fit from scratch or from `resumed`, and write the final checkpoint.
+    """Fit from scratch or from `resumed`, write the final checkpoint, and evaluate the test
+    split (`trainer.test`). Returns the final metrics: the last evaluation's, `best/*`, `test/*`
+    and `global_step`.
 
     From the first step on, a stop signal is recorded and honoured after the step it arrives in;
     one that arrives after the last step changes nothing (the run is complete).
@@ -65,6 +69,9 @@ def train(job, replica: Replica, tracker, resumed: dict[str, Any] | None = None
             trainer.progress.close()
             tracker.flush()
         trainer.save(trainer)
+        tested = evaluate_test_split(job, trainer, tracker)
+        metrics = {**{k: v for k, v in metrics.items() if k != "global_step"}, **tested,
+                   "global_step": metrics["global_step"]}
         model = _model_to_log(job, replica, trainer.model)
         if replica.is_main:
             log_run_models(job, model, tracker, trainer.counters.global_step)

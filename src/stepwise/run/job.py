@@ -22,7 +22,7 @@ from stepwise.contract.monitor import check_monitor
 from stepwise.contract.plan import Plan, derive_accum, make_plan
 from stepwise.contract.schedule import adapted_optimizer_args
 from stepwise.contract.world import World, resolve_world
-from stepwise.data.arrays import ArrayData, build_data
+from stepwise.data.arrays import ArrayData, build_data, check_fractions
 from stepwise.run.probe import check_context, check_model
 from stepwise.tracking.auth import check_tracking
 
@@ -173,15 +173,13 @@ def check_sizes(config: Config) -> None:
             raise ConfigError(key, value, "must be >= 0 (numpy takes no negative seeds)",
                               f"use e.g. {key}=0")
     for key, low, fix in (("train_samples", 1, "1 or more"), ("num_classes", 1, "1 or more"),
-                          ("val_samples", 0, "0 or more"), ("noise_std", 0, "0 or more"),
+                          ("val_samples", 0, "0 or more"), ("test_samples", 0, "0 or more"),
+                          ("noise_std", 0, "0 or more"),
                           ("prefetch_factor", 1, "1 or more, or null for torch's default")):
         value = getattr(data, key, None)
         if value is not None and value < low:
             raise ConfigError(f"data.{key}", value, f"must be >= {low}", f"set data.{key} to {fix}")
-    fraction = getattr(data, "val_fraction", 0.0)
-    if not 0 <= fraction < 1:
-        raise ConfigError("data.val_fraction", fraction, "must be in [0, 1)",
-                          "use e.g. data.val_fraction=0.2")
+    check_fractions(getattr(data, "val_fraction", 0.0), getattr(data, "test_fraction", 0.0))
     std = getattr(data, "std", None)
     if std is not None and not all(value > 0 for value in std):
         raise ConfigError("data.std", list(std), "must all be positive (pixels are divided by "
@@ -193,11 +191,13 @@ def check_sizes(config: Config) -> None:
 
 def warn_unlikely(config: Config, plan: Plan, data: Any = None) -> None:
     """One warning line, with the reason, for each legal value that is most likely a slip."""
-    val = getattr(config.data, "val", None)
-    if isinstance(val, dict) and data is not None and data.val_samples == 0:
-        log.warning("data.val=%s: the validation dataset is empty (len 0), so the run never "
-                    "evaluates (no val/loss, no metrics); fix: check its arguments, or set "
-                    "data.val=null for a run without validation", val.get("_target_"))
+    for split, what, never in (("val", "validation", "evaluates"), ("test", "test", "tests")):
+        node = getattr(config.data, split, None)
+        if isinstance(node, dict) and data is not None and getattr(data, f"{split}_samples") == 0:
+            log.warning("data.%s=%s: the %s dataset is empty (len 0), so the run never %s (no "
+                        "%s/loss, no metrics); fix: check its arguments, or set data.%s=null for "
+                        "a run without %s", split, node.get("_target_"), what, never, split,
+                        split, what)
     optim = config.optim
     adam = hasattr(optim, "betas")
     limit, why, typical = ((1.0, "AdamW, which moves each weight by about lr per step", "1e-4 to 1e-2")
@@ -361,6 +361,7 @@ def plan_for(config: Config, data: Any, world_size: int, batch_size: int, accum:
         base_lr=config.optim.lr, lr_rule=config.lr_scaling.rule,
         base_batch_size=config.lr_scaling.base_batch_size,
         schedule=dataclasses.asdict(config.schedule),
+        val_samples=getattr(data, "val_samples", 0), test_samples=getattr(data, "test_samples", 0),
     ), knobs(config))
 
 
@@ -374,7 +375,8 @@ def run_params(job: Job) -> dict[str, Any]:
         effective_batch_size=plan.effective_batch_size,
         per_device_batch_size=plan.per_device_batch_size, accum=plan.accum,
         world_size=plan.world_size, parallel=job.config.parallel.mode,
-        train_samples=plan.train_samples, micro_steps_per_epoch=plan.micro_steps_per_epoch,
+        train_samples=plan.train_samples, val_samples=plan.val_samples,
+        test_samples=plan.test_samples, micro_steps_per_epoch=plan.micro_steps_per_epoch,
         optimizer_steps_per_epoch=plan.optimizer_steps_per_epoch,
         last_window_samples=plan.last_window_samples,
         samples_dropped_per_epoch=plan.samples_dropped_per_epoch,

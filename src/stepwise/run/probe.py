@@ -46,22 +46,28 @@ def _model_target(model_cfg: Any) -> str:
 
 
 def check_context(model_cfg: Any, data: Any) -> None:
-    """A model with a `context` (the longest sequence it takes) against the longest training
-    sequence, when the data states its samples' lengths (`item_counts`: one target per input
-    token), before any work."""
+    """A model with a `context` (the longest sequence it takes) against the longest sequence of
+    each split, when the data states its samples' lengths (`item_counts`: one target per input
+    token), before any work (a validation or test sequence would fail only after training)."""
     import numpy as np
 
     context = (model_cfg.get("context") if isinstance(model_cfg, dict)
                else getattr(model_cfg, "context", None))
-    counts = getattr(data, "item_counts", None)
-    if not isinstance(context, int) or counts is None or not len(counts):
+    if not isinstance(context, int):
         return
-    longest = int(np.argmax(counts))
-    if counts[longest] > context:
-        raise ConfigError("model.context", context, f"sample {longest} of data.train has "
-                          f"{int(counts[longest])} tokens, more than the model's context of "
-                          f"{context}", f"set model.context={int(np.max(counts))}, or cap the "
-                          f"data's lengths (e.g. data.train.max_len={context})")
+    splits = {"train": getattr(data, "item_counts", None)}
+    for split in ("val", "test"):
+        if getattr(data, split, None) is not None and hasattr(data, f"{split}_set"):
+            splits[split] = getattr(getattr(data, f"{split}_set")(), "item_counts", None)
+    for split, counts in splits.items():
+        if counts is None or not len(counts):
+            continue
+        longest = int(np.argmax(counts))
+        if counts[longest] > context:
+            raise ConfigError("model.context", context, f"sample {longest} of data.{split} has "
+                              f"{int(counts[longest])} tokens, more than the model's context of "
+                              f"{context}", f"set model.context={int(np.max(counts))}, or cap "
+                              f"the data's lengths (e.g. data.{split}.max_len={context})")
 
 
 def check_model(model_cfg: Any, data: Any, data_name: str) -> None:

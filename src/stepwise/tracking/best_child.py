@@ -1,6 +1,6 @@
 """A sweep's best child run: chosen by the metric its jobs optimise, and carried by the parent run
-(its run id, its params of interest and that metric), so that the parent's row in the MLflow UI
-says what the sweep found.
+(its run id, its params of interest, that metric and its `test/*` metrics), so that the parent's
+row in the MLflow UI says what the sweep found and how it does on the held-out test split.
 
 The criterion is read from the children's own params (the flattened config they logged), so it
 is right for whatever launcher ran them:
@@ -68,8 +68,9 @@ def best_child(runs, rule: Criterion):
 
 def carry_best_child(client, parent_run_id: str, runs, direction: str | None = None) -> str | None:
     """Log the best child onto the parent: param and tag `best_child_run_id`, the child's params
-    of interest under their own names (the parent's columns in the UI), its overrides, and its
-    metric. Returns the child's run id (None: no child logged the metric)."""
+    of interest under their own names (the parent's columns in the UI), its overrides, its
+    metric, and its test metrics (`test/*`, when it has a test split) beside it. Returns the
+    child's run id (None: no child logged the metric)."""
     from mlflow.entities import Metric, Param, RunTag
 
     from stepwise.tracking.tracker import retrying
@@ -85,10 +86,13 @@ def carry_best_child(client, parent_run_id: str, runs, direction: str | None = N
                "best_child.criterion": f"{rule.mode} {rule.metric}",
                **{key: params[key] for key in PARAMS_OF_INTEREST if key in params}}
     value = run.data.metrics[rule.metric]
+    tested = {key: v for key, v in sorted(run.data.metrics.items()) if key.startswith("test/")}
+    now = int(time.time() * 1000)
     retrying(client.log_batch, parent_run_id,
-             metrics=[Metric(rule.metric, value, int(time.time() * 1000), 0)],
+             metrics=[Metric(key, v, now, 0) for key, v in {rule.metric: value, **tested}.items()],
              params=[Param(key, str(v)) for key, v in carried.items()],
              tags=[RunTag("stepwise.best_child_run_id", child_id)])
-    log.info("best child of the sweep: run %s (%s, %s %s=%.6g)", child_id,
-             carried["best_child.overrides"], rule.mode, rule.metric, value)
+    log.info("best child of the sweep: run %s (%s, %s %s=%.6g%s)", child_id,
+             carried["best_child.overrides"], rule.mode, rule.metric, value,
+             "".join(f", {key}={v:.6g}" for key, v in tested.items()))
     return child_id

@@ -44,16 +44,20 @@ def summary_row(run) -> dict[str, Any]:
         row[key] = params.get(key)
     for key in ("val/loss", "val/accuracy", "train/loss"):
         row[key] = metrics.get(key)
-    row.update({key: value for key, value in metrics.items() if key.startswith("best/")})
+    row.update({key: value for key, value in metrics.items() if key.startswith(("test/", "best/"))})
     return row
 
 
 def write_csv(runs, path: Path, best_run_id: str | None = None) -> None:
-    """One row per child; with `trainer.monitor`, its best evaluation's `best/*` columns too,
-    and `best_child` marks the sweep's best run."""
-    best_keys = sorted({key for run in runs for key in run.data.metrics if key.startswith("best/")})
+    """One row per child; its `test/*` columns when the children were tested, with
+    `trainer.monitor` its best evaluation's `best/*` columns too, and `best_child` marks the
+    sweep's best run."""
+    def keys(prefix: str) -> list[str]:
+        return sorted({key for run in runs for key in run.data.metrics if key.startswith(prefix)})
+
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[*COLUMNS, *best_keys, "best_child"])
+        writer = csv.DictWriter(handle, fieldnames=[*COLUMNS, *keys("test/"), *keys("best/"),
+                                                    "best_child"])
         writer.writeheader()
         for run in runs:
             writer.writerow({**summary_row(run), "best_child": run.info.run_id == best_run_id})
