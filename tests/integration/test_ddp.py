@@ -169,6 +169,11 @@ def test_the_test_split_is_tested_exactly_with_the_best_weights_over_uneven_shar
     output = proc.stdout + proc.stderr
     assert f"test/loss={metrics['test/loss']:.6g}, test/accuracy={metrics['test/accuracy']:.6g}, " \
         "global_step=90" in output
+    if parallel == "ddp":  # `stepwise eval` of best.pt on the test split, in one process, agrees
+        run_cli("eval", f"run={run_dir}", "split=test", "which=best", cwd=workdir, check=True)
+        [(step, value)] = [(m.step, m.value) for m in _client(workdir).get_metric_history(
+            run.info.run_id, "eval/test/loss")]
+        assert step == 45 and value == pytest.approx(metrics["test/loss"], abs=1e-6)
 
 
 def test_torchrun_makes_one_run_dir_and_one_mlflow_run(workdir):
