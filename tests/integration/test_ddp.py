@@ -252,6 +252,22 @@ def test_bad_parallel_input(args, env, expected, workdir):
     assert not (workdir / "mlflow.db").exists()
 
 
+def _free_slurm_job_id() -> int:
+    """A job id whose rendezvous port (20000 + id, as stepwise derives it under SLURM) is free."""
+    import random
+    import socket
+
+    for _ in range(100):
+        job_id = random.randrange(1000, 19000)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", 20000 + job_id))
+            except OSError:
+                continue
+        return job_id
+    raise RuntimeError("no free port in 21000-39000")
+
+
 def test_a_refused_srun_job_waits_for_a_rank_slower_than_the_refusal(workdir):
     """Under srun, rank 0 hosts the store that tells the other ranks the run directory. A job
     refused before any work must keep it until every rank has read it: a rank 1 that starts only
@@ -259,13 +275,16 @@ def test_a_refused_srun_job_waits_for_a_rank_slower_than_the_refusal(workdir):
     minutes for a store that is gone."""
     args = ["parallel=ddp", "parallel.nproc=4", "dry_run=true"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
+    # rank 0 hosts the store on port 20000 + job id: a job id whose port is free now (a fixed
+    # one collided with a real SLURM job of the other test worker)
+    slurm = {**SLURM_TWO_TASKS, "SLURM_JOB_ID": str(_free_slurm_job_id())}
     rank0 = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=workdir,
-                             env={**env, **SLURM_TWO_TASKS}, stderr=subprocess.PIPE, text=True)
+                             env={**env, **slurm}, stderr=subprocess.PIPE, text=True)
     first = rank0.stderr.readline()  # rank 0's refusal: rank 1 has not even started
     assert first.startswith("error: parallel.nproc=4: the SLURM allocation started 2 processes "
                             "per node") and "fix:" in first, first
     rank1 = run_cli(*args, cwd=workdir, timeout=120,
-                    env={**SLURM_TWO_TASKS, "SLURM_PROCID": "1", "SLURM_LOCALID": "1"})
+                    env={**slurm, "SLURM_PROCID": "1", "SLURM_LOCALID": "1"})
     assert rank1.returncode == 2 and rank1.stderr == "", rank1.stderr  # rank 0 speaks for the job
     rest = rank0.communicate(timeout=120)[1]
     assert rank0.returncode == 2 and rest == "", rest  # one line in all
