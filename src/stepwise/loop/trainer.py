@@ -20,6 +20,7 @@ from stepwise.contract.plan_check import mismatches, planned_counts
 from stepwise.data.batches import call_model, to_device
 from stepwise.data.failures import naming_user_errors
 from stepwise.loop.item_tally import ItemTally
+from stepwise.loop.loop_state import load_loop_state, loop_state
 from stepwise.loop.precision import Precision, inputs_memory_format
 from stepwise.loop.signals import STOP, Stopped, StopSignals
 from stepwise.loop.step_log import StepLog
@@ -343,51 +344,11 @@ class Trainer:
         log.info("executed as planned%s: %d optimizer steps, %d micro-steps, %d samples", cut,
                  self.counters.global_step, self.counters.micro_steps, self.counters.samples_seen)
 
-    # -- state for checkpoints ------------------------------------------------------------------
+    # -- state for checkpoints (stepwise/loop/loop_state.py) -------------------------------------
     def state_dict(self) -> dict:
         """Everything an exact resume needs from the loop (collective in DDP: call on every rank)."""
-        real_total = int(self.replica.sum(torch.tensor(float(self.real_samples), dtype=torch.float64,
-                                                        device=self.replica.device)).item())
-        rng = {"cpu": torch.get_rng_state()}
-        if self.replica.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.replica.device)
-        return {
-            "model": self.replica.model_state(self.model),
-            "optimizer": self.replica.optimizer_state(self.optimizer),  # FSDP: in the shards
-            "scheduler": self.scheduler.state_dict(),
-            "global_step": self.counters.global_step,
-            "counters": {**asdict(self.counters), "real_samples": real_total},
-            "rng": self.replica.all_gather_object(rng),  # one entry per rank
-            "world_size": self.replica.world_size,
-            "last_lr": self.last_lr,
-            "precision": self.precision.state_dict(),
-            "monitor": self.best.monitor.state_dict() if self.best else None,
-        }
+        return loop_state(self)
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where `state` stopped (the RNG too, when the world size is the same)."""
-        if state.get("sharded"):  # an FSDP checkpoint: its DCP directory (stepwise.parallel.fsdp)
-            from stepwise.parallel.fsdp import load_shards
-
-            load_shards(Replica.unwrap(self.model), self.optimizer, state["sharded"])
-        else:
-            self.replica.load_full_state(self.model, self.optimizer, state)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.precision.load_state_dict(state.get("precision", {}))
-        counters = dict(state["counters"])
-        real = counters.pop("real_samples")
-        self.counters = Counters(**counters)
-        saved = state["plan"]
-        if (saved["accum"], saved["world_size"]) != (self.plan.accum, self.plan.world_size):
-            # An elastic resume: the same windows, cut into other micro-steps.
-            self.counters.micro_steps = self.plan.micro_steps_after(self.counters.global_step)
-        self.real_samples = real if self.replica.is_main else 0
-        self.last_lr = state["last_lr"]
-        if self.best is not None and not self.best.monitor.load_state_dict(state.get("monitor")):
-            log.info("the checkpoint has no state for trainer.monitor=%s: its best starts afresh",
-                     self.best.monitor.name)
-        if state.get("world_size") == self.replica.world_size:
-            rng = state["rng"][self.replica.rank]
-            torch.set_rng_state(rng["cpu"])
-            if "cuda" in rng and self.replica.device.type == "cuda":
-                torch.cuda.set_rng_state(rng["cuda"], self.replica.device)
+        load_loop_state(self, state)
