@@ -18,7 +18,8 @@ SRC = ROOT / "src" / "stepwise"
 
 # The subpackages from the bottom up: each may import those before it, never those after it.
 # Each one's __init__ docstring says the same ("Layer i of 8: may import `a`, `b`").
-LAYERS = ["contract", "config", "parallel", "data", "models", "loop", "tracking", "run"]
+LAYERS = ["contract", "config", "parallel", "data", "models", "loop", "callbacks", "tracking",
+          "run"]
 # Above every subpackage: the entry points at the package root.
 TOP = ("stepwise.main", "stepwise.__main__", "stepwise.eval", "stepwise.predict")
 # The root __init__ (the version) imports nothing of stepwise, and Python runs it before any

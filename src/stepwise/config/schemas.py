@@ -174,6 +174,7 @@ class Config:
     # null: chosen by the data's task (cross_entropy and accuracy, or mse and no metric).
     loss: Any = None
     metrics: Any = None  # {name: {_target_: a torchmetrics Metric}}, logged as val/<name>
+    callbacks: Any = None  # {name: {_target_: a stepwise.callbacks.Callback}} (loop/callbacks.py)
     lr_scaling: LRScalingConfig = field(default_factory=LRScalingConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

@@ -138,21 +138,24 @@ class BestKeeper:
         return self.monitor.stopped_at
 
 
-def metric_names(data: Any, metrics_config: Any) -> list[str]:
+def metric_names(data: Any, metrics_config: Any, evaluated: tuple[str, ...] = ()) -> list[str]:
     """What the evaluation logs for this data and `metrics` config (a torchmetrics metric that
-    returns a vector logs `val/<name>/<i>` instead of `val/<name>`)."""
+    returns a vector logs `val/<name>/<i>` instead of `val/<name>`); with each suffix in
+    `evaluated` (a callback's other weights, the EMA's `ema`), also `val_<suffix>/<name>`."""
     names = ["val/loss"]
     if metrics_config is None:
         if getattr(data, "task", "classification") == "classification":
             names.append("val/accuracy")
     elif isinstance(metrics_config, dict):
         names += [f"val/{name}" for name in metrics_config]
-    return names
+    return names + [f"val_{suffix}/{name[len('val/'):]}" for suffix in evaluated
+                    for name in names]
 
 
-def check_monitor(trainer: Any, data: Any, metrics_config: Any) -> None:
+def check_monitor(trainer: Any, data: Any, metrics_config: Any,
+                  evaluated: tuple[str, ...] = ()) -> None:
     """`trainer.monitor`, `monitor_mode`, `early_stopping_patience` and `min_delta`, checked
-    before any work. Raises ConfigError on the first bad one."""
+    before any work (`evaluated`: see `metric_names`). Raises ConfigError on the first bad one."""
     name, patience = trainer.monitor, trainer.early_stopping_patience
     if trainer.monitor_mode not in MODES:
         raise ConfigError("trainer.monitor_mode", trainer.monitor_mode, "unknown value",
@@ -169,12 +172,16 @@ def check_monitor(trainer: Any, data: Any, metrics_config: Any) -> None:
             raise ConfigError("trainer.early_stopping_patience", patience, "needs a metric to "
                               "watch", "set trainer.monitor=val/loss (or another val/ metric)")
         return
-    known = metric_names(data, metrics_config)
+    known = metric_names(data, metrics_config, evaluated)
     if data.val_samples == 0:
         raise ConfigError("trainer.monitor", name, "the data has no validation set, so nothing "
                           "is evaluated", "give the data validation samples, or set "
                           "trainer.monitor=null")
-    vector_metric = any(name.startswith(f"{known_name}/") for known_name in known[1:])
+    vector_metric = any(name.startswith(f"{known_name}/") for known_name in known
+                        if not known_name.endswith("/loss"))
     if name not in known and not vector_metric:
+        prefix = name.split("/", 1)[0]
+        added = (f" ({prefix}/* comes from a callback that evaluates other weights: "
+                 f"callbacks=ema gives val_ema/*)" if prefix.startswith("val_") else "")
         raise ConfigError("trainer.monitor", name, "the evaluation logs no such metric",
-                          f"use one of {', '.join(known)}")
+                          f"use one of {', '.join(known)}{added}")

@@ -7,7 +7,7 @@ stepwise.data.digits`): attributes of this package, imported from their module o
 562), so that importing `stepwise.data` imports no torch or torchvision (a dry run of vector data
 imports numpy only).
 
-Layer 4 of 8: may import `contract`, `config`, `parallel`.
+Layer 4 of 9: may import `contract`, `config`, `parallel`.
 """
 
 from __future__ import annotations

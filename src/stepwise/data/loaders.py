@@ -143,6 +143,15 @@ def eval_loader(data, split: str, batch: int, replica: Replica, dtype: torch.dty
                       **workers)
 
 
+def fetch_split(data, split: str, dtype: torch.dtype, indices: list[int]) -> tuple:
+    """The samples at `indices` of an evaluation split ("val", "test") as one (inputs, target)
+    batch, as its loader gives it."""
+    dataset = getattr(data, f"{split}_set")(dtype)
+    if hasattr(data, "collate"):
+        return data.collate(dtype)([dataset[i] for i in indices])
+    return dataset.__getitems__(indices)
+
+
 def fetch(data, dtype: torch.dtype, seed: int, indices: list[int]) -> tuple:
     """The training samples at `indices` as one (inputs, target) batch, as the loader gives it."""
     dataset = data.train_set(dtype, seed)

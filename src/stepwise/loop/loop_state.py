@@ -33,6 +33,7 @@ def loop_state(trainer) -> dict:
         "last_lr": trainer.last_lr,
         "precision": trainer.precision.state_dict(),
         "monitor": trainer.best.monitor.state_dict() if trainer.best else None,
+        "callbacks": trainer.callbacks.state_dict(),  # {name: its state}
     }
 
 
@@ -58,6 +59,8 @@ def load_loop_state(trainer, state: dict) -> None:
     if trainer.best is not None and not trainer.best.monitor.load_state_dict(state.get("monitor")):
         log.info("the checkpoint has no state for trainer.monitor=%s: its best starts afresh",
                  trainer.best.monitor.name)
+    for name in trainer.callbacks.load_state_dict(state.get("callbacks")):
+        log.info("the checkpoint has no state for callback %s: it starts afresh", name)
     if state.get("world_size") == trainer.replica.world_size:
         rng = state["rng"][trainer.replica.rank]
         torch.set_rng_state(rng["cpu"])

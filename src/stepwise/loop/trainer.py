@@ -19,6 +19,7 @@ from stepwise.contract.plan import Plan, Window
 from stepwise.contract.plan_check import mismatches, planned_counts
 from stepwise.data.batches import call_model, to_device
 from stepwise.data.failures import naming_user_errors
+from stepwise.loop.callbacks import Callbacks
 from stepwise.loop.item_tally import ItemTally
 from stepwise.loop.loop_state import load_loop_state, loop_state
 from stepwise.loop.precision import Precision, inputs_memory_format
@@ -50,6 +51,7 @@ class Trainer:
         precision: autocast and the fp16 GradScaler (`trainer.precision`).
         items: each window's loss items, when the data states them per sample (else counted).
         best: `trainer.monitor`'s best checkpoint and early stopping (None: not monitored).
+        callbacks: the `callbacks` group's, called at the hooks (stepwise/loop/callbacks.py).
 
     Per micro-step the loop only runs forward and backward (and adds the loss to a device
     tensor); the host waits for the device only at logging points, checkpoints and the end,
@@ -60,7 +62,8 @@ class Trainer:
                  tracker, progress=None, settings: LoopSettings | None = None,
                  save: Callable[[Trainer], None] | None = None,
                  precision: Precision | None = None, stop_signals: StopSignals = STOP,
-                 items: ItemPlan | None = None, best: BestKeeper | None = None) -> None:
+                 items: ItemPlan | None = None, best: BestKeeper | None = None,
+                 callbacks: Callbacks | None = None) -> None:
         self.model, self.optimizer, self.scheduler = parts.model, parts.optimizer, parts.scheduler
         settings = settings or LoopSettings()
         self.loss, self.metrics, self.plan, self.settings = parts.loss, parts.metrics, plan, settings
@@ -81,6 +84,8 @@ class Trainer:
         self.tally = ItemTally(replica, parts.loss)  # the items of a loss that masks them
         self.best = best
         self.step_log = StepLog(plan, replica, tracker, self.tally, settings)
+        self.callbacks = callbacks or Callbacks({})
+        self.callbacks.attach(self)
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
@@ -93,11 +98,16 @@ class Trainer:
         epochs = self.counters.epoch if self.early_stopped else self.plan.epochs
         self.step_log.start(self.counters)
         try:
+            if self.callbacks:
+                self.callbacks.fit_start()
             for epoch in range(self.counters.epoch, epochs):
                 self.counters.epoch = epoch
                 for window, batches in self.windows(epoch):
                     stop = self.train_step(batches, window)
                     self.counters.step_in_epoch += 1
+                    if self.callbacks:  # after the step's count, before its checkpoint
+                        self.callbacks.step_end(bool(stop) or self.step_log.logs(
+                            self.counters.global_step))
                     self._after_step(stop)
                 last = epoch == self.plan.epochs - 1
                 if self.val_loader is not None and (last or
@@ -109,18 +119,23 @@ class Trainer:
                     self.counters.epoch, self.counters.step_in_epoch = epoch + 1, 0
                 if self.early_stopped:
                     break
-        except Stopped:
+        except Stopped as stopped:
             self.stop_vote.close()  # every rank has the same exchange in flight: finish it
+            self.callbacks.exception(stopped)
             raise
-        except Exception:
+        except Exception as err:
             self.step_log.salvage(self.counters)  # the logged steps before a crash
+            self.callbacks.exception(err)
             raise
         self.stop_vote.close()
         self.check_losses()
         self.check_against_plan()
         final = {"global_step": self.counters.global_step}
         self.tracker.log_metrics(final, step=self.counters.global_step)
-        return {**metrics, **(self.best.monitor.best_record() if self.best else {}), **final}
+        metrics = {**metrics, **(self.best.monitor.best_record() if self.best else {}), **final}
+        if self.callbacks:
+            self.callbacks.fit_end(metrics)
+        return metrics
 
     @property
     def early_stopped(self) -> bool:
@@ -317,12 +332,20 @@ class Trainer:
             return evaluate(self.model, self.val_loader if loader is None else loader, self.loss,
                             self.metrics, self.replica, self.precision, self._on_device, prefix=split)
 
+    def evaluate_with_callbacks(self, split: str = "val", loader=None) -> dict[str, float]:
+        """`evaluate`, and the metrics the callbacks add to it (the EMA's `<split>_ema/*`)."""
+        metrics = self.evaluate(split, loader)
+        if self.callbacks:
+            loader = self.val_loader if loader is None else loader
+            metrics.update(self.callbacks.evaluation_end(split, metrics, loader))
+        return metrics
+
     def _evaluate_and_log(self) -> dict[str, float]:
         """Evaluate after reading the steps before (timed without it), and log the metrics
         with `train/samples_seen` and `epoch` (epochs done) at the same step."""
         self.check_losses()
         with self.step_log.paused():
-            metrics = self.evaluate()
+            metrics = self.evaluate_with_callbacks()
         done = self.counters.epoch + self.counters.step_in_epoch / self.plan.optimizer_steps_per_epoch
         self.step_log.evaluation(metrics, self.counters, done)
         return metrics

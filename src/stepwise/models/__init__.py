@@ -5,7 +5,7 @@ Configs name them by their short path, `stepwise.models.<Name>` (e.g. `_target_:
 stepwise.models.MLP`): attributes of this package, imported from their module on first use (PEP
 562), so that importing `stepwise.models` imports no torch.
 
-Layer 5 of 8: may import `contract`, `config`, `parallel`, `data`.
+Layer 5 of 9: may import `contract`, `config`, `parallel`, `data`.
 """
 
 from __future__ import annotations

@@ -2,5 +2,5 @@
 reductions, the stop vote) and FSDP's sharding and distributed checkpoints. The only place that
 calls torch.distributed.
 
-Layer 3 of 8: may import `contract`, `config`.
+Layer 3 of 9: may import `contract`, `config`.
 """

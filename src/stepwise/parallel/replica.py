@@ -142,6 +142,15 @@ class Replica:
         else:
             self.unwrap(model).load_state_dict(copy)
 
+    def local_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """This process's weights (parameters and buffers) by name, as tensors that share the
+        model's storage (the local tensors of its shards under FSDP): writing into them writes
+        the model, and they follow its updates."""
+        module = self.unwrap(model)
+        state = fsdp.sharded_model_state(module) if self.mode == "fsdp" else module.state_dict()
+        return {key: value.to_local() if hasattr(value, "to_local") else value
+                for key, value in state.items()}
+
     def all_gather_object(self, obj):
         """[obj of rank 0, obj of rank 1, ...] (a one-element list with one process)."""
         if not self.distributed:

@@ -1,5 +1,5 @@
 """The one place that turns a job's config into its parts: model, optimizer, scheduler, loss,
-metrics and the Trainer. The run, `data.batch_size=auto`, the probes, the tests and the
+metrics, callbacks and the Trainer. The run, `data.batch_size=auto`, the probes, the tests and the
 benchmarks all build through here, so that they build the same thing.
 """
 
@@ -115,8 +115,11 @@ def build_metrics(config: Any, data: Any) -> dict[str, Any] | None:
 
 
 def build_trainer(job: Any, replica: Any, tracker: Any):
-    """Build the model, optimizer, scheduler, loss, metrics and loaders, seeded by `seed`."""
-    from stepwise.data.loaders import make_loaders
+    """Build the model, optimizer, scheduler, loss, metrics, callbacks and loaders, seeded by
+    `seed`."""
+    from stepwise.callbacks.building import build_callbacks
+    from stepwise.data.loaders import fetch_split, make_loaders
+    from stepwise.loop.callbacks import Callbacks
     from stepwise.loop.precision import Precision, compile_model, param_dtype, set_tf32, to_memory_format
     from stepwise.loop.trainer import Trainer
     from stepwise.loop.trainer_parts import LoopSettings, NullProgress, Parts
@@ -134,6 +137,8 @@ def build_trainer(job: Any, replica: Any, tracker: Any):
         metrics = {name: metric.to(replica.device) for name, metric in metrics.items()}
     parts = Parts(model=wrapped, optimizer=optimizer, scheduler=build_scheduler(optimizer, plan),
                   loss=build_loss(cfg, job.data), metrics=metrics)
+    callbacks = Callbacks(build_callbacks(cfg.callbacks), run_dir=job.run_dir,
+                          batch=lambda split, indices: fetch_split(job.data, split, dtype, indices))
     train_loader, val_loader = make_loaders(
         job.data, plan, replica, seed=cfg.seed, dtype=dtype, num_workers=cfg.data.num_workers,
         persistent_workers=cfg.data.persistent_workers, prefetch_factor=cfg.data.prefetch_factor)
@@ -141,7 +146,7 @@ def build_trainer(job: Any, replica: Any, tracker: Any):
                    tracker=tracker, progress=NullProgress(), settings=LoopSettings.of(trainer_cfg),
                    save=checkpoint_saver(job, tracker),
                    precision=Precision(trainer_cfg.precision, replica.device), items=job.items,
-                   best=best_keeper(job, tracker))
+                   best=best_keeper(job, tracker), callbacks=callbacks)
 
 
 def best_keeper(job: Any, tracker: Any):

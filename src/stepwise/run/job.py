@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stepwise.callbacks.building import check_callbacks
 from stepwise.config.schemas import Config
 from stepwise.contract.advice import advise, knobs, run_warnings
 from stepwise.contract.dist_env import DistEnv
@@ -327,7 +328,7 @@ def prepare(config: Config, run_dir: Path, start_dir: Path, env: DistEnv | None 
     data = build_data(dataclasses.asdict(config.data))
     check_model(config.model, data, _data_name(config.data))
     check_context(config.model, data)
-    check_monitor(config.trainer, data, config.metrics)
+    check_monitor(config.trainer, data, config.metrics, check_callbacks(config.callbacks))
     images = len(data.input_shape or ()) == 3
     if config.trainer.channels_last and not images:
         raise ConfigError("trainer.channels_last", True, f"data={_data_name(config.data)} gives "

@@ -17,6 +17,17 @@ from stepwise.tracking.models import BEST_NAME, MODEL_NAME
 log = logging.getLogger(__name__)
 
 
+def monitored_weights(state: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The weights of best.pt that `trainer.monitor` judged: the model's, or for a
+    `val_<suffix>/` metric those of the callback that evaluates as `<suffix>` (the EMA's);
+    with the words that say whose they are."""
+    prefix = state["monitor"].split("/", 1)[0]
+    for name, callback in (state.get("callbacks") or {}).items():
+        if isinstance(callback, dict) and prefix == f"val_{callback.get('evaluates')}":
+            return callback["weights"], f", callback {name}'s weights"
+    return state["model"], ""
+
+
 def log_run_models(job: Any, model: nn.Module, tracker: Any, global_step: int) -> None:
     """At the end of a run that trained fine, on the process that holds the model: log the final
     model, and with `trainer.monitor` the best one (best.pt's weights); register the best one
@@ -51,11 +62,12 @@ def log_run_models(job: Any, model: nn.Module, tracker: Any, global_step: int) -
                         cfg.trainer.monitor)
             return
         state = load_checkpoint(best)
-        model.load_state_dict(state["model"])
+        weights, whose = monitored_weights(state)
+        model.load_state_dict(weights)
         logged = tracker.log_model(model, example, name=BEST_NAME, step=state["global_step"],
                                    registered_model_name=register)
-        log.info("best model (%s=%.6g at global_step %d) logged to MLflow%s", state["monitor"],
-                 state["best_value"], state["global_step"], logged.describe())
+        log.info("best model (%s=%.6g at global_step %d%s) logged to MLflow%s", state["monitor"],
+                 state["best_value"], state["global_step"], whose, logged.describe())
     except Exception as err:
         if not (checkpoints / "last.pt").exists():
             raise

@@ -109,6 +109,7 @@ def probe(config: Any, data: Any, data_name: str, plan: Any) -> None:
     the loss and the metrics; the global RNG is left as it was."""
     import torch
 
+    from stepwise.callbacks.building import build_callbacks
     from stepwise.loop.precision import param_dtype
     from stepwise.run.build import build_model
     from stepwise.run.probe_batch import probe_batch
@@ -120,6 +121,7 @@ def probe(config: Any, data: Any, data_name: str, plan: Any) -> None:
 
             check_shard_modules(model, config.parallel.shard_modules)
         probe_optimizer(config, plan)
+        build_callbacks(config.callbacks)  # a constructor that refuses its arguments: one line
         probe_batch(config, data, data_name, model.to(param_dtype(config.trainer.precision)))
 
 

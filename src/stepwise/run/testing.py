@@ -1,5 +1,6 @@
 """The test split after fitting (`trainer.test`): the weights `trainer.monitor` chose
-(checkpoints/best.pt), else the final ones, evaluated on every rank's shard of the test split with
+(checkpoints/best.pt, with the callbacks' state it holds), else the final ones, evaluated on
+every rank's shard of the test split with
 validation's exact reductions (stepwise/loop/validation.py), and logged as `test/*` into the run's
 own MLflow run at its final global_step, with the tag `stepwise.tested` saying which weights:
 `best at global_step N (checkpoints/best.pt, <monitor>=<value>)` or `final at global_step N`.
@@ -63,14 +64,16 @@ def evaluate_test_split(job: Any, trainer: Any, tracker: Any) -> dict[str, float
     best = best_state(job, trainer)
     if best is None:
         tested = f"final at global_step {step}"
-        metrics = trainer.evaluate("test", loader)
+        metrics = trainer.evaluate_with_callbacks("test", loader)
     else:
         tested = (f"best at global_step {best['global_step']} (checkpoints/{BEST_FILE}, "
                   f"{best['monitor']}={best['best_value']:.6g})")
         final = replica.weights_copy(trainer.model)
         replica.load_model_state(trainer.model, best["model"])
+        # the callbacks' state of that evaluation too: the EMA's weights then give test_ema/*
+        trainer.callbacks.load_state_dict(best.get("callbacks"))
         try:
-            metrics = trainer.evaluate("test", loader)
+            metrics = trainer.evaluate_with_callbacks("test", loader)
         finally:
             replica.restore_weights(trainer.model, final)
     tracker.log_metrics(metrics, step=step)
