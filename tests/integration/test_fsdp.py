@@ -29,15 +29,18 @@ pytestmark = [pytest.mark.ddp, pytest.mark.cli]
 JOB = ("data=synthetic", "data.train_samples=581", "data.val_samples=64", "logger=none",
        "trainer.precision=64", "trainer.max_epochs=3", "optim.momentum=0.9", "optim.lr=0.2",
        "model.hidden_sizes=[33]", "trainer.grad_clip_norm=0.5", "trainer.checkpoint_every_n_steps=4",
-       "trainer.progress_bar=false", "accum=4", "model._target_=tests.fixtures.SlowMLP")
+       "trainer.progress_bar=false", "accum=4", "model._target_=tests.fixtures.SlowMLP",
+       # the EMA: each rank averages its own shards; its checkpoint state is whole tensors
+       "callbacks=ema", "callbacks.ema.decay=0.8")
 SINGLE = ("data.batch_size=16",)
 FSDP = ("parallel=fsdp", "parallel.nproc=2", "data.batch_size=8")
 STEPS = 30  # 10 per epoch
 ENV = {"PYTHONPATH": str(ROOT), "SLOW_FORWARD_S": "0.01"}
 
 
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+def _weights(run_dir: Path, ema: bool = False) -> dict[str, torch.Tensor]:
+    last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    return last["callbacks"]["ema"]["weights"] if ema else last["model"]
 
 
 def _max_difference(a: dict, b: dict) -> float:
@@ -61,6 +64,11 @@ def test_fsdp_ends_with_the_single_process_weights(runs):
     assert fsdp["plan"]["last_window_samples"] == 5
     assert fsdp["global_step"] == single["global_step"] == STEPS
     assert _max_difference(fsdp["model"], single["model"]) < 1e-9
+    # The EMA of the shards, each rank's own, is the EMA of the whole weights.
+    ema = fsdp["callbacks"]["ema"]
+    assert ema["updates"] == single["callbacks"]["ema"]["updates"] == STEPS
+    assert _max_difference(ema["weights"], single["callbacks"]["ema"]["weights"]) < 1e-9
+    assert _max_difference(ema["weights"], fsdp["model"]) > 1e-3
     # last.pt's model is the full state dict of the bare module: it loads into a plain MLP.
     MLP((32,), 10, [33]).double().load_state_dict(fsdp["model"])
     assert fsdp["model"]["0.weight"].shape == (33, 32) and fsdp["optimizer"] is None
@@ -82,6 +90,8 @@ def test_sigkill_then_resume_is_bitwise_identical(runs):
     reference = _weights(runs / "outputs" / "fsdp")
     resumed = _weights(run_dir)
     assert all(torch.equal(resumed[key], reference[key]) for key in reference)
+    reference, resumed = _weights(runs / "outputs" / "fsdp", ema=True), _weights(run_dir, ema=True)
+    assert all(torch.equal(resumed[key], reference[key]) for key in reference)
 
 
 @pytest.mark.parametrize("source,mode,target", [
@@ -96,6 +106,9 @@ def test_a_checkpoint_resumes_in_another_mode(runs, source, mode, target):
                    cwd=runs, check=True, env=ENV)
     assert f"resumed from {checkpoint} at global_step 28" in proc.stdout + proc.stderr
     assert _max_difference(_weights(run_dir), _weights(runs / "outputs" / "single")) < 1e-9
+    # The EMA's whole tensors, sharded on load (or read whole), go on averaging exactly.
+    assert _max_difference(_weights(run_dir, ema=True),
+                           _weights(runs / "outputs" / "single", ema=True)) < 1e-9
 
 
 def test_shards_that_do_not_fit_the_model_are_refused(runs):

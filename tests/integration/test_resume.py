@@ -27,8 +27,10 @@ JOB = ("trainer.max_epochs=4", "data.batch_size=16", "accum=2", "trainer.precisi
        "trainer.checkpoint_every_n_steps=7", "trainer.progress_bar=false",
        "model.hidden_sizes=[64]")
 DDP = ("parallel=ddp", "parallel.nproc=2", "data.batch_size=8")
-# The same, slowed to about 2 s of training (4 ms per forward), so that kills land mid-run.
-SLOW = (*JOB, "model._target_=tests.fixtures.SlowMLP")
+# The same, slowed to about 2 s of training (4 ms per forward), so that kills land mid-run,
+# with callbacks whose state must resume exactly: the EMA and a counter of its hooks.
+SLOW = (*JOB, "model._target_=tests.fixtures.SlowMLP", "callbacks=ema", "callbacks.ema.decay=0.9",
+        "+callbacks.counter._target_=tests.fixtures.StepCounter")
 
 
 def _env(**extra) -> dict:
@@ -72,6 +74,8 @@ def test_sigkill_anywhere_then_resume_is_bitwise_identical(workdir, mode):
     run_cli(*args, "hydra.run.dir=outputs/whole", cwd=workdir, check=True,
             env={"PYTHONPATH": str(ROOT)})
     reference = _weights(workdir / "outputs" / "whole")
+    callbacks = load_checkpoint(workdir / "outputs" / "whole" / "checkpoints" / "last.pt")["callbacks"]
+    assert callbacks["counter"] == {"steps": 180, "logged": 180, "evaluations": 4}
     rng = random.Random(1234 if mode == "single" else 99)
     killed_at = []
     for attempt in range(3 if mode == "single" else 2):
@@ -81,6 +85,9 @@ def test_sigkill_anywhere_then_resume_is_bitwise_identical(workdir, mode):
                        env={"PYTHONPATH": str(ROOT)})  # trainer.resume=auto
         assert "resumed from" in proc.stdout + proc.stderr
         _assert_identical(_weights(run_dir), reference)
+        resumed = load_checkpoint(run_dir / "checkpoints" / "last.pt")["callbacks"]
+        _assert_identical(resumed["ema"]["weights"], callbacks["ema"]["weights"])
+        assert resumed["ema"]["updates"] == 180 and resumed["counter"] == callbacks["counter"]
     assert all(0 < step < 180 for step in killed_at), killed_at
     # One MLflow run per job, reopened on resume: every step logged exactly once.
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
