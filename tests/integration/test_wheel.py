@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 pytestmark = [pytest.mark.slow, pytest.mark.cli]
@@ -233,10 +234,18 @@ print(json.dumps({"class": type(logged).__qualname__,
 
 def test_a_model_torch_export_rejects_reaches_mlflow_from_an_installed_user_package(user_venv,
                                                                                     workdir):
+    # with a callback of the package's own config group beside a built-in one
     proc = _stepwise(user_venv, *USERPKG_ARGS, "trainer.max_steps=4", "hydra.run.dir=outputs/gru",
-                     cwd=workdir)
+                     "callbacks=[weight_norm,lr_monitor]", cwd=workdir)
     run = _only_run(workdir)
     assert run.data.params["model._target_"] == "userpkg.models.GRUClassifier"
+    assert run.data.params["callbacks.weight_norm._target_"] == "userpkg.callbacks.WeightNorm"
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    norms = client.get_metric_history(run.info.run_id, "weights/norm")
+    assert [m.step for m in norms] == [1, 2, 3, 4]
+    final = torch.load(workdir / "outputs" / "gru" / "checkpoints" / "last.pt")["model"]
+    by_hand = torch.linalg.vector_norm(torch.cat([v.flatten().double() for k, v in final.items()]))
+    assert abs(norms[-1].value - by_hand.item()) < 1e-9
     out = proc.stdout + proc.stderr
     assert "final model logged to MLflow as a pickled module (torch.export cannot trace it" in out
     loaded = _run([str(user_venv / "bin" / "python"), "-c", LOAD_BACK, run.info.run_id,

@@ -24,7 +24,8 @@ from stepwise.loop.callbacks import Callback, RunView
 
 
 class EMA(Callback):
-    """`ema = decay * ema + (1 - decay) * weights` after optimizer steps `every_n_steps`, 2 x
+    """`ema = decay * ema + (1 - decay) * weights` (as `torch.lerp`) after optimizer steps
+    `every_n_steps`, 2 x
     `every_n_steps`, ...; up to `start_step` the average is the weights themselves.
 
     Floating-point buffers (BatchNorm's running statistics) are averaged as the parameters are;
@@ -50,6 +51,7 @@ class EMA(Callback):
         self._run: RunView | None = None
         self._live: dict[str, Any] = {}  # the model's own tensors (this process's shards)
         self._average: dict[str, Any] = {}  # their average, the same shapes and dtypes
+        self._pairs: list[tuple[list, list]] = [([], []), ([], [])]  # floats, others
         self._loaded: dict[str, Any] | None = None  # a checkpoint's state, until on_fit_start
 
     # -- the average -------------------------------------------------------------------------------
@@ -57,6 +59,12 @@ class EMA(Callback):
         self._run = run
         self._live = run.replica.local_weights(run.model)
         self._average = {key: value.detach().clone() for key, value in self._live.items()}
+        floats = [key for key, value in self._live.items() if value.is_floating_point()]
+        others = [key for key in self._live if key not in floats]
+        # the lists each update works on, made once: per step, two fused kernels and no Python
+        # loop over the tensors
+        self._pairs = [([self._average[k] for k in keys], [self._live[k] for k in keys])
+                       for keys in (floats, others)]
         if self._loaded is not None:
             self._load(self._loaded)
             self._loaded = None
@@ -65,20 +73,15 @@ class EMA(Callback):
         import torch
 
         step = run.global_step
-        floats = [key for key, value in self._live.items() if value.is_floating_point()]
-        others = [key for key in self._live if key not in floats]
+        (average, live), (average_others, live_others) = self._pairs
         if step <= self.start_step:
-            torch._foreach_copy_([self._average[k] for k in self._live],
-                                 [self._live[k] for k in self._live])
-            return
-        if step % self.every_n_steps:
-            return
-        average = [self._average[k] for k in floats]
-        torch._foreach_mul_(average, self.decay)
-        torch._foreach_add_(average, [self._live[k] for k in floats], alpha=1 - self.decay)
-        for key in others:
-            self._average[key].copy_(self._live[key])
-        self.updates += 1
+            torch._foreach_copy_(average + average_others, live + live_others)
+        elif step % self.every_n_steps == 0:
+            # ema + (1 - decay) * (weights - ema): one pass over each tensor
+            torch._foreach_lerp_(average, live, 1 - self.decay)
+            if average_others:
+                torch._foreach_copy_(average_others, live_others)
+            self.updates += 1
 
     @contextlib.contextmanager
     def swapped(self) -> Iterator[None]:

@@ -63,8 +63,8 @@ class SampleLogger(Callback):
         if run.is_main and run.run_dir is not None:
             path = run.run_dir / "samples" / f"step-{run.global_step:08d}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
-            record = {"global_step": run.global_step, "split": split,
-                      "rows": rows(indices, outputs, target)}
-            path.write_text(json.dumps(record, indent=1) + "\n")
+            lines = ",\n  ".join(json.dumps(row) for row in rows(indices, outputs, target))
+            path.write_text(f'{{"global_step": {run.global_step}, "split": "{split}", '
+                            f'"rows": [\n  {lines}\n]}}\n')  # a sample per line
             run.log_artifact(path, "samples")
         return None
