@@ -22,6 +22,7 @@ from stepwise.loop.signals import STOP, Stopped, stop_in
 log = logging.getLogger("stepwise")
 
 register_configs()
+VERIFY: dict | None = None  # `stepwise verify`'s settings (stepwise/verify.py), else None
 
 
 def _discard_empty_run_dir(run_dir: Path) -> None:
@@ -109,6 +110,10 @@ def _run(cfg: DictConfig, run_dir: Path, rank: int) -> dict[str, float] | None:
     if job.config.dry_run:
         log.info("dry_run=true: stopping before training")
         return None
+    if VERIFY is not None:
+        from stepwise.verify import verify_job
+
+        sys.exit(verify_job(job, run_dir, VERIFY))
     return _train(job, run_dir, rank)
 
 
@@ -166,6 +171,20 @@ def objective(metrics: dict[str, float], name: str, monitor: str | None = None) 
     return float(metrics[name])
 
 
+def _verify_args() -> None:
+    """`stepwise verify ...`: its own `verify.*` keys out of the job's overrides (one line for a
+    mistake), and the run named verify (its log, `verify.log`)."""
+    from stepwise.verify import split_args
+
+    global VERIFY
+    try:
+        VERIFY, rest = split_args(sys.argv[2:])
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    sys.argv[1:] = [*rest, "hydra.job.name=verify"]
+
+
 def main() -> None:
     """Run Hydra; report a composition error in one line (exit 2) unless HYDRA_FULL_ERROR is set.
 
@@ -179,6 +198,8 @@ def main() -> None:
 
         offline(sys.argv[2:], sys.argv[1])
         return
+    if sys.argv[1:2] == ["verify"]:
+        _verify_args()
 
     if (message := check_launcher(sys.argv[1:])) is not None:  # Hydra would train here instead
         print(f"error: {message}", file=sys.stderr)

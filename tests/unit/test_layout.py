@@ -21,7 +21,7 @@ SRC = ROOT / "src" / "stepwise"
 LAYERS = ["contract", "config", "parallel", "data", "models", "loop", "callbacks", "tracking",
           "run"]
 # Above every subpackage: the entry points at the package root.
-TOP = ("stepwise.main", "stepwise.__main__", "stepwise.eval", "stepwise.predict")
+TOP = ("stepwise.main", "stepwise.__main__", "stepwise.eval", "stepwise.predict", "stepwise.verify")
 # The root __init__ (the version) imports nothing of stepwise, and Python runs it before any
 # module of the package: any module may read it (provenance reads __version__).
 PACKAGE = "stepwise"
@@ -84,7 +84,7 @@ def test_every_subpackage_has_its_layer():
     found = sorted(p.parent.name for p in SRC.glob("*/__init__.py"))
     assert found == sorted(LAYERS)
     assert sorted(m for m in modules() if m.count(".") == 1 and m.split(".")[1] not in LAYERS) == [
-        "stepwise.__main__", "stepwise.eval", "stepwise.main", "stepwise.predict"]
+        "stepwise.__main__", "stepwise.eval", "stepwise.main", "stepwise.predict", "stepwise.verify"]
 
 
 def test_imports_point_down_the_layers():

@@ -177,7 +177,7 @@ class Trainer:
 
         Returns the number of a stop signal that some rank received (0: none).
         """
-        shares = self._accumulate(batches, window)
+        shares = self.last_shares = self._accumulate(batches, window)  # on the device
         step = self.counters.global_step + 1
         if window.items is not None:
             self.counters.items_seen += window.items
