@@ -265,3 +265,16 @@ def test_a_mistake_in_an_installed_user_package_s_config_is_one_line(user_venv, 
         "error: model.dimm=32: userpkg.models.GRUClassifier takes no such argument; fix: did you "
         "mean model.dim?"], proc.stderr
     assert not (workdir / "outputs").exists()
+
+
+def test_stepwise_verify_runs_a_user_package_s_model_from_the_wheel(user_venv, workdir):
+    """The GRU over packed real tokens: invariant (each step within float64 rounding, DDP too)."""
+    import json
+
+    proc = _stepwise(user_venv, "verify", *USERPKG_ARGS, "hydra.run.dir=outputs/verify",
+                     cwd=workdir)
+    report = json.loads((workdir / "outputs" / "verify" / "verify.json").read_text())
+    assert report["verdict"] == "invariant", proc.stdout[-3000:]
+    assert report["factorings"] == ["16 x 1 x 1", "8 x 2 x 1", "4 x 2 x 2 (ddp)"]
+    assert all(d["max_rel"] < 1e-13 for steps in report["differences"].values() for d in steps)
+    assert "verdict: invariant" in proc.stdout

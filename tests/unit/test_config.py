@@ -127,7 +127,7 @@ def test_every_target_of_every_option_resolves(override):
     for key, target in targets.items():
         _resolves(key, target)
         if target.startswith("stepwise.") and not key.startswith("hydra."):  # a built-in component
-            assert target.startswith(("stepwise.models.", "stepwise.data.")) and \
+            assert target.startswith(("stepwise.models.", "stepwise.data.", "stepwise.callbacks.")) and \
                 target.count(".") == 2, f"{override}: {key}: {target} is not its short path"
 
 
