@@ -113,7 +113,11 @@ def _run(cfg: DictConfig, run_dir: Path, rank: int) -> dict[str, float] | None:
     if VERIFY is not None:
         from stepwise.verify import verify_job
 
-        sys.exit(verify_job(job, run_dir, VERIFY))
+        try:
+            status = verify_job(job, run_dir, VERIFY)
+        except ConfigError as err:
+            _config_error(err, run_dir, rank)
+        sys.exit(status)
     return _train(job, run_dir, rank)
 
 

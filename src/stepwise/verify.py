@@ -54,6 +54,9 @@ def verify_job(job: Any, run_dir: Path, settings: dict[str, Any]) -> int:
 
     steps, effective = settings["steps"], job.plan.effective_batch_size
     chosen = factorings(effective)
+    if len(chosen) < 2:
+        raise ConfigError("effective_batch_size", effective, "has no other factoring to compare "
+                          "with", "verify a job whose effective batch is 2 or more")
     log.info("verify: E=%d as %s; %d optimizer steps each, float64 on the CPU, seed %d",
              effective, ", ".join(map(str, chosen)), steps, job.config.seed)
     runs = {str(f): run_factoring(job.config, f, steps, run_dir) for f in chosen}
@@ -76,7 +79,7 @@ def verify_job(job: Any, run_dir: Path, settings: dict[str, Any]) -> int:
 
 
 def _diagnose(job: Any, chosen: list, steps: int, run_dir: Path) -> list[dict[str, Any]]:
-    """The rerun experiments on the single-process factorings, then the sample probes."""
+    """The rerun experiments (every factoring again, with one change), then the sample probes."""
     import torch
 
     from stepwise.contract.verdict import first_divergence
@@ -85,16 +88,16 @@ def _diagnose(job: Any, chosen: list, steps: int, run_dir: Path) -> list[dict[st
     from stepwise.run.diagnosis import rerun_experiments, sample_probes
     from stepwise.run.verification import differences, run_factoring
 
-    single = [f for f in chosen if f.world_size == 1]
     config = job.config
 
     def agree(change, other_config) -> bool:
-        runs = [run_factoring(other_config or config, f, steps, run_dir, change) for f in single]
-        return first_divergence({"x": differences(runs[0], runs[1])}) is None
+        runs = [run_factoring(other_config or config, f, steps, run_dir, change) for f in chosen]
+        return first_divergence({str(f): differences(runs[0], run)
+                                 for f, run in zip(chosen[1:], runs[1:])}) is None
 
     torch.manual_seed(config.seed)
     model = build_model(config, job.data).double()
-    findings = rerun_experiments(model, config, agree) if len(single) > 1 else []
+    findings = rerun_experiments(model, config, agree)
     findings += sample_probes(model, build_loss(config, job.data),
                               lambda indices: fetch(job.data, torch.float64, config.seed, indices))
     return [finding.as_dict() for finding in findings]

@@ -1,8 +1,8 @@
 """Why runs that factor E differently disagree: experiments, not guesses.
 
 Each rerun experiment changes one thing (BatchNorm on its running statistics, dropout off,
-augmentation off) and runs the single-process factorings again: the change that makes them agree
-is the cause. The probes put samples through the model (in eval mode, float64) alone and inside a
+augmentation off) and runs every factoring again: the change that makes them all agree is the
+cause. The probes put samples through the model (in eval mode, float64) alone and inside a
 batch: an output or a per-sample loss that changes with its neighbours (padding, a batch-level
 operation, in-batch coupling) is a dependence on how the batch is split.
 """
@@ -53,13 +53,17 @@ def dropout_layers(model: nn.Module) -> list[str]:
     return found
 
 
-def in_eval_mode(names: list[str]) -> Callable[[nn.Module], None]:
-    """A model change: the named modules in eval mode (training never calls model.train())."""
-    def change(model: nn.Module) -> None:
+class InEvalMode:
+    """A model change: the named modules in eval mode (training never calls model.train()).
+    A class, not a closure: spawned DDP ranks receive it pickled."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+
+    def __call__(self, model: nn.Module) -> None:
         modules = dict(model.named_modules())
-        for name in names:
+        for name in self.names:
             modules[name].eval()
-    return change
 
 
 REMEDIES = {
@@ -81,12 +85,12 @@ REMEDIES = {
 def rerun_experiments(model: nn.Module, config: Any,
                       agree: Callable[[Callable | None, Any], bool]) -> list[Finding]:
     """The rerun experiments that apply to this model and data. `agree(change, config)` runs the
-    single-process factorings with a model change or another config and says whether they agree."""
+    factorings again with a model change or another config and says whether they all agree."""
     findings = []
     norms = batchnorm_layers(model)
     if norms:
         tried, why, fix = REMEDIES["batchnorm"]
-        explains = agree(in_eval_mode(norms), None)
+        explains = agree(InEvalMode(norms), None)
         findings.append(Finding("batchnorm", tried, explains,
                                 f"first BatchNorm layer in the model: {norms[0]} "
                                 f"({type(dict(model.named_modules())[norms[0]]).__name__})"
@@ -94,7 +98,7 @@ def rerun_experiments(model: nn.Module, config: Any,
     drops = dropout_layers(model)
     if drops:
         tried, why, fix = REMEDIES["dropout"]
-        explains = agree(in_eval_mode(drops), None)
+        explains = agree(InEvalMode(drops), None)
         findings.append(Finding("dropout", tried, explains, f"dropout in {', '.join(drops[:3])}"
                                 + (f"; {why}" if explains else ""), fix if explains else ""))
     if getattr(config.data, "train_transforms", None):
