@@ -70,7 +70,8 @@ def verify_job(job: Any, run_dir: Path, settings: dict[str, Any]) -> int:
               "differences": as_json(compared),
               "verdict": "invariant" if divergence is None else "not invariant",
               "first_divergence": None if divergence is None else vars(divergence),
-              "diagnosis": [] if divergence is None else _diagnose(job, chosen, steps, run_dir)}
+              "diagnosis": [] if divergence is None else _diagnose(job, chosen, steps, run_dir,
+                                                                   reference)}
     (run_dir / "verify.json").write_text(json.dumps(report, indent=1) + "\n")
     print(table(report))
     if settings["log"]:
@@ -78,14 +79,16 @@ def verify_job(job: Any, run_dir: Path, settings: dict[str, Any]) -> int:
     return 0 if divergence is None else 1
 
 
-def _diagnose(job: Any, chosen: list, steps: int, run_dir: Path) -> list[dict[str, Any]]:
-    """The rerun experiments (every factoring again, with one change), then the sample probes."""
+def _diagnose(job: Any, chosen: list, steps: int, run_dir: Path, reference: dict
+              ) -> list[dict[str, Any]]:
+    """The rerun experiments (every factoring again, with one change), the sample probes, and,
+    when none explains it, whether the training draws random numbers at all."""
     import torch
 
     from stepwise.contract.verdict import first_divergence
     from stepwise.data.loaders import fetch
     from stepwise.run.build import build_loss, build_model
-    from stepwise.run.diagnosis import rerun_experiments, sample_probes
+    from stepwise.run.diagnosis import Reseeded, randomness, rerun_experiments, sample_probes
     from stepwise.run.verification import differences, run_factoring
 
     config = job.config
@@ -100,6 +103,9 @@ def _diagnose(job: Any, chosen: list, steps: int, run_dir: Path) -> list[dict[st
     findings = rerun_experiments(model, config, agree)
     findings += sample_probes(model, build_loss(config, job.data),
                               lambda indices: fetch(job.data, torch.float64, config.seed, indices))
+    if not any(finding.explains for finding in findings):
+        again = run_factoring(config, chosen[0], steps, run_dir, Reseeded(config.seed + 1))
+        findings.append(randomness(first_divergence({"x": differences(reference, again)})))
     return [finding.as_dict() for finding in findings]
 
 

@@ -76,6 +76,10 @@ def test_tiny_lm_is_invariant_and_dropout_makes_it_not(workdir):
     proc, report = _verify(workdir, "lm_dropout", *LM, "model.dropout=0.1")
     assert "dropout in dropout, blocks.0.attention" in _cause(proc, report, "dropout")["detail"]
     assert not (workdir / "mlflow.db").exists()
+    # Dropout called as a function: no module to switch off, but a rerun with another random
+    # state of the same factoring trains differently.
+    proc, report = _verify(workdir, "f_dropout", "model._target_=tests.fixtures.FunctionalDropoutMLP")
+    assert "the training draws random numbers" in _cause(proc, report, "randomness")["detail"]
 
 
 def test_a_mean_over_padding_is_named_as_padding_dependent(workdir):

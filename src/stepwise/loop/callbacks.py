@@ -113,8 +113,13 @@ class RunView:
         self._trainer.tracker.log_artifact(path, artifact_path)
 
     def evaluate(self, split: str = "val") -> dict[str, float]:
-        """`<split>/*` of the model's current weights on `split` (collective: every rank)."""
-        return self._trainer.evaluate(split, self._loaders.get(split))
+        """`<split>/*` of the model's current weights on `split` (collective: every rank): `val`
+        at any time, `test` inside the test split's `on_evaluation_end`."""
+        loader = self._loaders.get(split, self._trainer.val_loader if split == "val" else None)
+        if loader is None:
+            raise ValueError(f"no {split} split to evaluate here (the val split when the data has "
+                             "one; the test split only in its on_evaluation_end, after fitting)")
+        return self._trainer.evaluate(split, loader)
 
     def batch(self, split: str, indices: list[int]) -> tuple[Any, Any]:
         """The samples `indices` of `split` as one (inputs, target) batch on the device."""

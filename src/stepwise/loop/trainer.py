@@ -80,6 +80,7 @@ class Trainer:
         self.counters = Counters()
         self.real_samples = 0  # this process's real samples, summed over ranks at the end
         self.last_lr = float("nan")  # the LR of the last optimizer step taken
+        self.last_shares: torch.Tensor | None = None  # its loss shares, on the device
         self.items = items
         self.tally = ItemTally(replica, parts.loss)  # the items of a loss that masks them
         self.best = best

@@ -82,6 +82,29 @@ REMEDIES = {
 }
 
 
+class Reseeded:
+    """A change that leaves the model as built and draws the training's random numbers from
+    another seed: the same factoring then trains differently only if it draws any."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def __call__(self, model: nn.Module) -> None:
+        torch.manual_seed(self.seed)
+
+
+def randomness(divergence: Any) -> Finding:
+    """The finding of the reference factoring rerun `Reseeded` (`divergence`: against itself)."""
+    draws = divergence is not None
+    return Finding("randomness", "the reference factoring again, its random numbers from another "
+                   "seed", draws, "it trains differently: the training draws random numbers "
+                   "(dropout called as a function, noise, a random transform in your dataset), "
+                   "and another split draws them in another order" if draws else
+                   "it trains the same: the training draws no random numbers",
+                   "draw them per sample, from a seed of the sample's index and epoch" if draws
+                   else "")
+
+
 def rerun_experiments(model: nn.Module, config: Any,
                       agree: Callable[[Callable | None, Any], bool]) -> list[Finding]:
     """The rerun experiments that apply to this model and data. `agree(change, config)` runs the
