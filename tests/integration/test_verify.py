@@ -85,7 +85,7 @@ def test_tiny_lm_is_invariant_and_dropout_makes_it_not(workdir):
 def test_a_mean_over_padding_is_named_as_padding_dependent(workdir):
     proc, report = _verify(workdir, "masked", *BAG)
     _invariant(proc, report, ["16 x 1 x 1", "8 x 2 x 1", "4 x 2 x 2 (ddp)"])
-    proc, report = _verify(workdir, "unmasked", *BAG, "model.masked=false")
+    proc, report = _verify(workdir, "unmasked", *BAG, "+model.masked=false")
     finding = _cause(proc, report, "padding")
     assert "with the padding around it" in finding["detail"]
 
