@@ -183,6 +183,9 @@ def _verify_args() -> None:
     global VERIFY
     try:
         VERIFY, rest = split_args(sys.argv[2:])
+        if multirun := {"-m", "--multirun"} & set(rest):
+            raise ConfigError(multirun.pop(), "verify", "verify runs one job, not a sweep",
+                              "verify each job of the sweep on its own")
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

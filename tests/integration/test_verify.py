@@ -95,6 +95,7 @@ def test_a_mean_over_padding_is_named_as_padding_dependent(workdir):
     ("verify.step=2", "error: verify.step=2: no such key; fix: use verify.steps=<optimizer steps> "
                       "or verify.log=true"),
     ("accum=0", "error: accum=0: must be a positive integer"),
+    ("-m", "error: -m=verify: verify runs one job, not a sweep"),
 ])
 def test_a_mistake_is_one_line_and_exit_2(arg, expected, workdir):
     proc = run_cli("verify", arg, cwd=workdir)
