@@ -1,7 +1,7 @@
 """`stepwise eval` (`python -m stepwise.eval`): a run's checkpoint evaluated on a split, logged
 into that run as `eval/<split>/*`. `stepwise predict` (stepwise/predict.py) shares this entry.
 
-    stepwise eval run=<MLflow run id or run dir> [which=last|best] [split=val|test]
+    stepwise eval run=<MLflow run id or run dir> [which=last|best] [weights=model|ema] [split=val|test]
                   [data=<option>] [data.<key>=<value>...] [parallel=ddp [parallel.nproc=N]]
                   [trainer.device=cpu] [logger.tracking_uri=URI]
     stepwise eval ckpt=<checkpoint file> ...

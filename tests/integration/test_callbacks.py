@@ -112,7 +112,7 @@ def test_the_ema_is_the_same_for_every_factoring_and_logged_with_the_built_ins(t
     assert all(len(row["output"]) == 10 and 0 <= row["predicted"] < 10 for row in record["rows"])
     # trainer.monitor=val_ema/loss: MLflow's best model is best.pt's EMA weights.
     best = load_checkpoint(run_dir / "checkpoints" / "best.pt")
-    assert "callback ema's weights" in proc.stdout + proc.stderr
+    assert "the ema weights" in proc.stdout + proc.stderr
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     logged = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/best_model")
     job = prepare_job(tmp_path / "shape", *COMMON, "logger=none")
@@ -121,6 +121,11 @@ def test_the_ema_is_the_same_for_every_factoring_and_logged_with_the_built_ins(t
     inputs, _ = fetch_split(job.data, "val", torch.float64, list(range(20)))
     with torch.no_grad():
         assert torch.equal(logged(inputs), model(inputs))
+    # stepwise eval of best.pt's EMA weights gives the evaluation that made them the best
+    proc = run_cli("eval", f"run={run_dir}", "which=best", "weights=ema", cwd=tmp_path, check=True)
+    assert "tag stepwise.eval.val_ema" in proc.stdout
+    evaluated = client.get_run(run.info.run_id).data.metrics
+    assert abs(evaluated["eval/val_ema/loss"] - evaluated["best/val_ema/loss"]) < 1e-12
 
 
 MISTAKES = [

@@ -143,6 +143,9 @@ def test_a_split_the_data_lacks_is_one_line(trained):
 def test_arguments_it_does_not_take_are_one_line(trained):
     line = _one_error_line(_eval(trained, f"run={trained['run_id']}", "trainer.max_steps=3"))
     assert line.startswith("error: trainer.max_steps=3: stepwise eval takes no such key"), line
+    line = _one_error_line(_eval(trained, f"run={trained['run_id']}", "weights=ema"))
+    assert line.startswith("error: weights=ema: ") and "holds no ema weights (the run had no " \
+        "callback that keeps them, e.g. callbacks=ema); fix: use weights=model" in line, line
     line = _one_error_line(_eval(trained, f"run={trained['run_dir']}", "which=best",
                                  f"ckpt={trained['run_dir']}/checkpoints/best.pt"))
     assert line.startswith("error: run="), line

@@ -45,6 +45,7 @@ def test_arguments_are_hydra_overrides_with_run_ids_kept_as_typed():
     ([f"run={RUN_ID}", "optim.lr=1"], "optim.lr=1: stepwise eval takes no such key"),
     ([f"run={RUN_ID}", "+data.x=1"], "+data.x=1: stepwise eval takes plain key=value"),
     ([f"run={RUN_ID}", "name=a/b"], "name=a/b: must be letters"),
+    ([f"run={RUN_ID}", "weights=EMA"], "weights=EMA: must be model, or the name of averaged weights"),
 ])
 def test_arguments_it_cannot_use_are_one_line(argv, line):
     with pytest.raises(ConfigError) as err:

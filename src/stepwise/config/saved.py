@@ -21,8 +21,8 @@ COMMANDS = ("eval", "predict")
 WHICH = ("last", "best")
 PARALLEL = ("single", "ddp")
 # The keys these commands take besides `data=<option>` and `data.<key>=<value>`.
-KEYS = ("run", "ckpt", "which", "split", "name", "parallel", "parallel.nproc", "parallel.backend",
-        "parallel.timeout_s", "trainer.device", "logger.tracking_uri")
+KEYS = ("run", "ckpt", "which", "weights", "split", "name", "parallel", "parallel.nproc",
+        "parallel.backend", "parallel.timeout_s", "trainer.device", "logger.tracking_uri")
 # Typed like the training config's keys of the same name.
 INTEGER_KEYS = ("parallel.nproc", "parallel.timeout_s")
 
@@ -35,6 +35,8 @@ class OfflineArgs:
         run: an MLflow run id or a run directory (None with `ckpt`).
         ckpt: a checkpoint file (None with `run`).
         which: `last` or `best`, of the run's checkpoints/.
+        weights: `model` (the checkpoint's model), or the averaged weights a callback keeps in
+            it (`ema`: callbacks=ema's), named `<split>_ema` in the results.
         split: the evaluation split (`val`, `test`).
         name: what the metrics are logged under, `eval/<name>/*` (default: the split), so that
             an evaluation on other data does not add to the split's own.
@@ -48,6 +50,7 @@ class OfflineArgs:
     run: str | None = None
     ckpt: str | None = None
     which: str = "last"
+    weights: str = "model"
     split: str = "val"
     name: str | None = None
     parallel: str = "single"
@@ -71,7 +74,7 @@ def parse_args(command: str, argv: list[str]) -> OfflineArgs:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
-    usage = (f"stepwise {command} run=<MLflow run id or run dir> [which=last|best] "
+    usage = (f"stepwise {command} run=<MLflow run id or run dir> [which=last|best] [weights=ema] "
              "[split=val|test] [data.<key>=<value>] [parallel=ddp], or ckpt=<path>")
     try:
         overrides = OverridesParser.create().parse_overrides(list(argv))
@@ -115,6 +118,10 @@ def _checked(command: str, values: dict[str, Any], data: tuple[str, ...]) -> Off
     for key in INTEGER_KEYS:
         if key in values and (isinstance(values[key], bool) or not isinstance(values[key], int)):
             raise ConfigError(key, values[key], "must be an integer", f"set e.g. {key}=2")
+    weights = str(values.get("weights", "model"))
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", weights):
+        raise ConfigError("weights", weights, "must be model, or the name of averaged weights a "
+                          "callback keeps (ema)", "use weights=ema")
     name = values.get("name")
     if name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
         raise ConfigError("name", name, "must be letters, digits, _ . or - (it becomes the "
@@ -125,6 +132,7 @@ def _checked(command: str, values: dict[str, Any], data: tuple[str, ...]) -> Off
     return OfflineArgs(
         command=command, run=None if run is None else str(run),
         ckpt=None if ckpt is None else str(ckpt), which=str(values.get("which", "last")),
+        weights=weights,
         split=str(values.get("split", "val")), name=None if name is None else str(name),
         parallel=str(values.get("parallel", "single")),
         nproc=values.get("parallel.nproc"), backend=str(values.get("parallel.backend", "auto")),

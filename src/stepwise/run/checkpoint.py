@@ -168,6 +168,15 @@ def latest_valid(directory: Path) -> tuple[Path, dict[str, Any]] | None:
     return None
 
 
+def averaged_weights(payload: dict[str, Any], suffix: str) -> dict[str, Any] | None:
+    """The weights a callback that evaluates as `suffix` (the EMA's `ema`) keeps in a checkpoint,
+    as the bare model's full state dict; None when the checkpoint has none."""
+    for state in (payload.get("callbacks") or {}).values():
+        if isinstance(state, dict) and state.get("evaluates") == suffix and "weights" in state:
+            return state["weights"]
+    return None
+
+
 BEST_FILE = "best.pt"  # trainer.monitor's best evaluation; never a resume candidate (auto)
 
 

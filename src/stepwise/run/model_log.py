@@ -21,10 +21,11 @@ def monitored_weights(state: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """The weights of best.pt that `trainer.monitor` judged: the model's, or for a
     `val_<suffix>/` metric those of the callback that evaluates as `<suffix>` (the EMA's);
     with the words that say whose they are."""
+    from stepwise.run.checkpoint import averaged_weights
+
     prefix = state["monitor"].split("/", 1)[0]
-    for name, callback in (state.get("callbacks") or {}).items():
-        if isinstance(callback, dict) and prefix == f"val_{callback.get('evaluates')}":
-            return callback["weights"], f", callback {name}'s weights"
+    if prefix.startswith("val_") and (weights := averaged_weights(state, prefix[4:])) is not None:
+        return weights, f", the {prefix[4:]} weights"
     return state["model"], ""
 
 

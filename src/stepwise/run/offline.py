@@ -15,7 +15,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from stepwise.parallel.replica import Replica, start_replica, stop_replica
 from stepwise.run.launch import spawn_ranks, start_worker
-from stepwise.run.selection import Selection
+from stepwise.run.selection import Selection, checkpoint_weights
 
 log = logging.getLogger("stepwise")
 
@@ -65,7 +65,8 @@ def checkpoint_model(selection: Selection, replica: Replica) -> nn.Module:
     trainer = selection.config.trainer
     set_tf32(trainer.tf32, replica.device)
     model = build_model(selection.config, selection.data).to(param_dtype(trainer.precision))
-    model.load_state_dict(load_checkpoint(selection.checkpoint)["model"])
+    model.load_state_dict(checkpoint_weights(load_checkpoint(selection.checkpoint),
+                                             selection.args, selection.checkpoint))
     model = to_memory_format(model, trainer.channels_last).to(replica.device)
     return model.eval()
 

@@ -54,8 +54,10 @@ class Selection:
 
     @property
     def name(self) -> str:
-        """What the results are named by: `eval/<name>/*`, the tag, the predictions file."""
-        return self.args.name or self.split
+        """What the results are named by: `eval/<name>/*`, the tag, the predictions file (the
+        split's, `<split>_ema` for `weights=ema`)."""
+        weights = "" if self.args.weights == "model" else f"_{self.args.weights}"
+        return self.args.name or f"{self.split}{weights}"
 
     @property
     def data_overrides(self) -> list[str]:
@@ -74,7 +76,8 @@ class Selection:
         overrides = ([f"data={self.args.data_option}"] if self.args.data_option else []) + \
             list(self.args.data_overrides)
         return {"checkpoint": str(self.checkpoint), "global_step": self.global_step,
-                "name": self.name, "split": self.split, "samples": self.samples, "data": data_name(data),
+                "name": self.name, "split": self.split, "weights": self.args.weights,
+                "samples": self.samples, "data": data_name(data),
                 "data_target": data.get("_target_"), "data_overrides": overrides,
                 "world_size": self.world.size}
 
@@ -111,7 +114,7 @@ def select(args: OfflineArgs) -> Selection:
         uri = _tracking_uri(args, run_dir, tree, run_id)
     data = build_data(dataclasses.asdict(config.data))
     samples = _split_samples(args.split, data, dataclasses.asdict(config.data))
-    _check_model(config, data, payload["model"], tree, args)
+    _check_model(config, data, checkpoint_weights(payload, args, path), tree, args)
     world = resolve_world(config.parallel, config.trainer.device, detect(os.environ),
                           visible_gpus(config))
     batch = config.data.batch_size
@@ -125,6 +128,20 @@ def select(args: OfflineArgs) -> Selection:
                      global_step=int(payload["global_step"]), label=label, run_dir=run_dir,
                      run_id=run_id, tracking_uri=uri if run_id is not None else None,
                      world=world, batch_size=batch)
+
+
+def checkpoint_weights(payload: dict[str, Any], args: OfflineArgs, path: Path) -> dict[str, Any]:
+    """The weights `args.weights` names in the checkpoint: its model's, or a callback's average."""
+    from stepwise.run.checkpoint import averaged_weights
+
+    if args.weights == "model":
+        return payload["model"]
+    weights = averaged_weights(payload, args.weights)
+    if weights is None:
+        raise ConfigError("weights", args.weights, f"{path} holds no {args.weights} weights (the "
+                          f"run had no callback that keeps them, e.g. callbacks={args.weights})",
+                          "use weights=model")
+    return weights
 
 
 def _locate(args: OfflineArgs) -> tuple[Path | None, str | None, str | None]:
