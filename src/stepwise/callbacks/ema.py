@@ -24,9 +24,8 @@ from stepwise.loop.callbacks import Callback, RunView
 
 
 class EMA(Callback):
-    """`ema = decay * ema + (1 - decay) * weights` (as `torch.lerp`) after optimizer steps
-    `every_n_steps`, 2 x
-    `every_n_steps`, ...; up to `start_step` the average is the weights themselves.
+    """`ema = decay * ema + (1 - decay) * weights` (as `torch.lerp`) after the optimizer steps that
+    are multiples of `every_n_steps`; up to `start_step` the average is the weights themselves.
 
     Floating-point buffers (BatchNorm's running statistics) are averaged as the parameters are;
     other buffers (counts) are copied.
@@ -128,9 +127,10 @@ class EMA(Callback):
     def _load(self, state: dict[str, Any]) -> None:
         """The saved average into this process's tensors: loaded into the model as a checkpoint's
         `model` is (sharded under FSDP), copied out, and the model's weights put back."""
+        import torch
+
         run = self._run
         self.updates = state["updates"]
         with self.swapped():  # the model's weights are restored on the way out
             run.replica.load_model_state(run.model, state["weights"])
-            for key, value in self._live.items():
-                self._average[key].copy_(value)
+            torch._foreach_copy_(list(self._average.values()), list(self._live.values()))

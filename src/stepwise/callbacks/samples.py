@@ -14,15 +14,15 @@ from stepwise.loop.callbacks import Callback, RunView
 def rows(indices: list[int], outputs: Any, target: Any) -> list[dict[str, Any]]:
     """One row per sample: its index, target and output; `predicted` (the argmax over the last
     axis) when the output has more dimensions than the target (class scores, token logits)."""
-    rows = []
+    found = []
     for position, index in enumerate(indices):
         out, tgt = outputs[position].double().cpu(), target[position].cpu()
         row = {"index": index, "target": tgt.tolist()}
         if out.dim() > tgt.dim():
             row["predicted"] = out.argmax(-1).tolist()
         row["output"] = [round(v, 6) for v in out.flatten().tolist()] if out.dim() else out.item()
-        rows.append(row)
-    return rows
+        found.append(row)
+    return found
 
 
 class SampleLogger(Callback):

@@ -162,34 +162,26 @@ def sample_probes(model: nn.Module, loss: Callable, batch: Callable[[list[int]],
     padded = shapes[other][1:] != shapes[first][1:]
     alone_inputs, alone_target = batch([first])
     inputs, target = batch([first, other])
-    shape = shapes[first]
     with torch.no_grad():
-        alone, together = _overlap(_first(call_model(model, alone_inputs)),
-                                   _first(call_model(model, inputs)))
-        item_alone = loss(call_model(model, alone_inputs), alone_target)[0]
-        item_together = loss(call_model(model, inputs), target)[0]
+        alone_out, together_out = call_model(model, alone_inputs), call_model(model, inputs)
+        output_diff = _relative(*_overlap(_first(alone_out), _first(together_out)))
+        loss_diff = _relative(*_overlap(loss(alone_out, alone_target)[0],
+                                        loss(together_out, target)[0]))
     limit = tolerance(1)
-    output_diff = _relative(alone, together)
-    findings = []
+    explains = output_diff > limit
     if padded:
-        explains = output_diff > limit
-        findings.append(Finding(
-            "padding", f"sample {first} alone (shape {shape[1:]}) and padded to "
-            f"{_shape(inputs)[1:]} beside sample {other}", explains,
-            f"its output changed by {output_diff:.3g} (relative) with the padding around it"
-            if explains else "its output is the same",
-            "mask the padding in the model (average over the real tokens only, e.g. with the "
-            "batch's mask or lengths)" if explains else ""))
+        name, fix = "padding", ("mask the padding in the model (average over the real tokens "
+                                "only, e.g. with the batch's mask or lengths)")
+        tried = (f"sample {first} alone (shape {shapes[first][1:]}) and padded to "
+                 f"{_shape(inputs)[1:]} beside sample {other}")
     else:
-        explains = output_diff > limit
-        findings.append(Finding(
-            "batch coupling", f"sample {first} alone and beside sample {other} (eval mode)",
-            explains,
-            f"its output changed by {output_diff:.3g} (relative)" if explains
-            else "its output is the same",
-            "make the model's output of a sample depend on that sample only" if explains else ""))
-    loss_diff = _relative(*_overlap(item_alone, item_together))
-    if loss_diff > limit and not findings[0].explains:
+        name, fix = "batch coupling", "make the model's output of a sample depend on that sample only"
+        tried = f"sample {first} alone and beside sample {other} (eval mode)"
+    changed = f"its output changed by {output_diff:.3g} (relative)" + (
+        " with the padding around it" if padded else "")
+    findings = [Finding(name, tried, explains, changed if explains else "its output is the same",
+                        fix if explains else "")]
+    if loss_diff > limit and not explains:
         findings.append(Finding("loss coupling", f"sample {first}'s loss alone and in a batch", True,
                                 f"its loss changed by {loss_diff:.3g} (relative)",
                                 "a loss of each sample on its own (no in-batch negatives or "

@@ -23,6 +23,8 @@ log = logging.getLogger("stepwise")
 def run(selection: Selection, body: Callable[[Selection, Replica], Any]) -> Any:
     """`body(selection, replica)` on every rank of the selection's world; rank 0's result (None
     on the other ranks, when torchrun or SLURM started them all: rank 0 speaks for the job).
+    A prepared `Job` serves as well as a `Selection` (`stepwise verify`'s runs): both give the
+    `world` and the `config` (its parallel mode and device).
 
     `body` must be a module-level function: under `parallel=ddp`, stepwise spawns the ranks
     (torch's elastic launcher), unless torchrun or SLURM started them.

@@ -10,22 +10,17 @@ built model or the config first.
 from __future__ import annotations
 
 import copy
-import logging
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
-from torch.distributed.elastic.multiprocessing.errors import record
 
 from stepwise.config.parallel_schemas import DDPConfig, ParallelConfig
 from stepwise.contract.dist_env import DistEnv
 from stepwise.contract.verdict import Factoring, StepDifference, tolerance
-from stepwise.parallel.replica import Replica, start_replica, stop_replica
-from stepwise.run.launch import spawn_ranks, start_worker
-
-log = logging.getLogger("stepwise")
+from stepwise.parallel.replica import Replica
 
 Snapshot = dict[str, Any]  # {"step", "loss", "params": {name: float64 CPU tensor}}
 
@@ -51,19 +46,21 @@ def factoring_config(config: Any, factoring: Factoring, steps: int) -> Any:
 def forward_order(model: nn.Module, run_once: Callable[[], None]) -> list[tuple[str, str]]:
     """(parameter name, its module's class) in the order the forward of `run_once` first calls
     their modules; parameters of modules it never calls come last."""
-    called: list[str] = []
-    names = {module: name for name, module in model.named_modules()}
-    hooks = [module.register_forward_pre_hook(
-        lambda module, args: called.append(names[module]) if names[module] not in called else None)
-        for module in names]
+    called: dict[str, nn.Module] = {}  # in first-call order
+    modules = dict(model.named_modules())
+    def note(name: str) -> Callable:
+        def hook(module: nn.Module, args: Any) -> None:  # None: the inputs stay as they are
+            called.setdefault(name, module)
+        return hook
+
+    hooks = [module.register_forward_pre_hook(note(name)) for name, module in modules.items()]
     try:
         run_once()
     finally:
         for hook in hooks:
             hook.remove()
-    modules = dict(model.named_modules())
-    order = [(f"{name}.{p}" if name else p, type(modules[name]).__name__)
-             for name in called for p, _ in modules[name].named_parameters(recurse=False)]
+    order = [(f"{name}.{p}" if name else p, type(module).__name__)
+             for name, module in called.items() for p, _ in module.named_parameters(recurse=False)]
     seen = {name for name, _ in order}
     return order + [(name, "?") for name, _ in model.named_parameters() if name not in seen]
 
@@ -98,29 +95,14 @@ def _steps(trainer: Any):
 
 def run_factoring(config: Any, factoring: Factoring, steps: int, run_dir: Path,
                   change: Callable | None = None) -> dict[str, Any]:
-    """Prepare and run one factoring: in this process, or in spawned DDP ranks (rank 0's record)."""
+    """Prepare and run one factoring: in this process, or in spawned DDP ranks (rank 0's record;
+    `change` is pickled to them)."""
     from stepwise.run.job import prepare
+    from stepwise.run.offline import run
 
     job = prepare(factoring_config(config, factoring, steps), run_dir=run_dir, start_dir=run_dir,
                   env=DistEnv())
-    if not job.world.spawns:
-        replica = Replica("single", 0, 1, torch.device("cpu"))
-        return record_steps(job, replica, change)
-    log.info("verify: spawning %d DDP workers for %s", job.world.nproc, factoring)
-    return spawn_ranks(job.world.nproc, job.config.parallel.timeout_s, _worker, job, change)[0]
-
-
-@record
-def _worker(job: Any, change: Callable | None) -> dict[str, Any] | None:
-    world = start_worker(job.world, "cpu")
-    replica = start_replica(world, job.config.parallel, "cpu")
-    try:
-        result = record_steps(job, replica, change)
-    except BaseException:
-        stop_replica(replica, failed=True)
-        raise
-    stop_replica(replica)
-    return result if replica.is_main else None
+    return run(job, functools.partial(record_steps, change=change))
 
 
 def differences(reference: dict[str, Any], other: dict[str, Any]) -> list[StepDifference]:
