@@ -39,7 +39,8 @@ def test_lr_curves_are_invariant_in_samples(workdir):
             "e64_b16_k4": ["data.batch_size=16", "accum=4"],
             "e256_b32_k8": ["data.batch_size=32", "accum=8"]}
     for name, args in runs.items():
-        run_cli(*COMMON, *args, f"logger.run_name={name}", cwd=workdir, check=True)
+        run_cli(*COMMON, *args, f"logger.run_name={name}", f"hydra.run.dir=outputs/{name}",
+                cwd=workdir, check=True)  # one dir each: two runs in one second would share one
     curves = _curves(workdir, runs)
 
     # Same E, different (b, k): identical train/lr per global_step.
