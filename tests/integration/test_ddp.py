@@ -26,6 +26,7 @@ from tests.conftest import (
     run_cli,
     run_two_ranks,
 )
+from tests.ports import free_port
 
 pytestmark = [pytest.mark.ddp, pytest.mark.cli]
 
@@ -92,18 +93,10 @@ def _count_allreduce_rounds(rank: int, tmp: str, sync_every: bool, queue) -> Non
     stop_replica(replica)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("sync_every,expected_rounds", [(False, 4), (True, 32)])
 def test_one_allreduce_round_per_optimizer_step(tmp_path, sync_every, expected_rounds):
     """accum=8, 4 optimizer steps: 4 all-reduce rounds with no_sync, 32 without it."""
-    (tmp_path / "port").write_text(str(_free_port()))
+    (tmp_path / "port").write_text(str(free_port()))
     results = run_two_ranks(_count_allreduce_rounds, str(tmp_path), sync_every)
     # The MLP's gradients fit in one DDP bucket: one hook call is one all-reduce round.
     assert results == [(0, expected_rounds, 4, 32), (1, expected_rounds, 4, 32)]
@@ -258,14 +251,14 @@ def _free_slurm_job_id() -> int:
     import socket
 
     for _ in range(100):
-        job_id = random.randrange(1000, 19000)
+        job_id = random.randrange(1000, 12000)  # ports 21000-31999: below the ephemeral range
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", 20000 + job_id))
             except OSError:
                 continue
         return job_id
-    raise RuntimeError("no free port in 21000-39000")
+    raise RuntimeError("no free port in 21000-31999")
 
 
 def test_a_refused_srun_job_waits_for_a_rank_slower_than_the_refusal(workdir):
@@ -294,7 +287,7 @@ def test_a_refused_srun_job_waits_for_a_rank_slower_than_the_refusal(workdir):
 def test_two_simulated_nodes_through_launch_script(workdir):
     """launch/torchrun_multi_node.sh on two "nodes" (1 process each) with a c10d rendezvous."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
-    env.update(NNODES="2", NPROC="1", RDZV_ENDPOINT=f"127.0.0.1:{_free_port()}", RDZV_ID="t",
+    env.update(NNODES="2", NPROC="1", RDZV_ENDPOINT=f"127.0.0.1:{free_port()}", RDZV_ID="t",
                PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
     script = str(ROOT / "launch" / "torchrun_multi_node.sh")
     nodes = [subprocess.Popen(["bash", script, "trainer.max_epochs=1"], cwd=workdir, env=env,

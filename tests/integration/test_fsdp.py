@@ -20,6 +20,7 @@ from stepwise.run.checkpoint import CheckpointError, latest_valid, load_checkpoi
 from stepwise.tracking.tracker import NullTracker
 from tests.conftest import ROOT, prepare_job, run_cli, run_two_ranks
 from tests.integration.test_resume import _kill_after_first_checkpoint
+from tests.ports import free_port
 
 pytestmark = [pytest.mark.ddp, pytest.mark.cli]
 
@@ -200,19 +201,11 @@ def _state_bytes(trainer) -> int:
     return params + grads[0] + state
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_one_reduce_scatter_round_per_step_and_half_the_memory_of_ddp(tmp_path):
     """accum=4, 3 optimizer steps: 3 reduce-scatter rounds (one per sharded block each), 12
     when every micro-step syncs; each rank holds about 1/2 of DDP's parameter, gradient and
     AdamW state bytes for an MLP 64-256-256-10 (85,002 parameters)."""
-    (tmp_path / "port").write_text(str(_free_port()))
+    (tmp_path / "port").write_text(str(free_port()))
     results = run_two_ranks(_measure, str(tmp_path))
     total = 85_002 * 4 * 4  # float32 parameters, gradients, exp_avg and exp_avg_sq
     assert [r[3] for r in results] != [r[4] for r in results]

@@ -19,6 +19,7 @@ from stepwise.run.checkpoint import load_checkpoint
 from stepwise.run.fit import train
 from stepwise.tracking.tracker import NullTracker
 from tests.conftest import count_allreduce_rounds, prepare_job, run_cli, run_two_ranks
+from tests.ports import free_port
 
 # 101 = 3 x 32 + 5 sequences of 1-24 characters: every epoch ends with a window of 5, which in
 # DDP with b=8 leaves rank 1 with no real sequence in its last micro-step.
@@ -126,17 +127,13 @@ def test_an_optimizer_step_costs_the_gradient_round_and_at_most_one_count(tmp_pa
     """Stated counts (tinytext's lengths): no count is sent during training, one check at each
     read of the device (before the first epoch's evaluation, and at the last step). Counted
     (sequences without lengths): one small all-reduce per step, and those checks."""
-    import socket
     import sys
 
     from tests.conftest import ROOT
 
     monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests" / "fixtures"))
     sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    results = run_two_ranks(_count_rounds, port, str(tmp_path), stated)
+    results = run_two_ranks(_count_rounds, free_port(), str(tmp_path), stated)
     steps = results[0][3]
     counts = 2 if stated else steps + 1  # stated: 2 epochs (2 reads); counted: 1 epoch
     # The model's gradients fit in one DDP bucket: one hook call is one all-reduce round.

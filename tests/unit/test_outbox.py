@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 from stepwise.tracking import outbox as outbox_module
 from stepwise.tracking.outbox import Outbox, permanent, read_ops
 from stepwise.tracking.replay import main as replay_main
-from tests.mlflow_server import free_port
+from tests.ports import free_port
 
 
 def _store(tmp_path):
