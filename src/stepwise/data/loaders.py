@@ -79,6 +79,16 @@ def _as_is(batch):
     return batch
 
 
+def worker_settings(device: torch.device, num_workers: int, prefetch_factor: int | None,
+                    persistent_workers: bool = False) -> dict:
+    """A DataLoader's keyword arguments for its worker processes and pinned memory (every
+    loader of a run takes the same ones: training, validation, test, eval and predict)."""
+    workers = {"num_workers": num_workers, "pin_memory": device.type == "cuda"}
+    if num_workers > 0:
+        workers.update(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
+    return workers
+
+
 def make_loaders(data, plan: Plan, replica: Replica, *, seed: int, dtype: torch.dtype,
                  num_workers: int = 0, persistent_workers: bool = False,
                  prefetch_factor: int | None = None
@@ -89,9 +99,7 @@ def make_loaders(data, plan: Plan, replica: Replica, *, seed: int, dtype: torch.
     `__getitems__` returns a whole (x, y) batch, or a DatasetData, whose `collate` turns a list
     of samples into (inputs, target).
     """
-    workers = {"num_workers": num_workers, "pin_memory": replica.device.type == "cuda"}
-    if num_workers > 0:
-        workers.update(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
+    workers = worker_settings(replica.device, num_workers, prefetch_factor, persistent_workers)
     train_set = data.train_set(dtype, seed)
     # Built-in data fetches whole (x, y) batches (`__getitems__`); a user's is collated.
     collate = data.collate(dtype) if hasattr(data, "collate") else _as_is

@@ -76,14 +76,11 @@ def checkpoint_model(selection: Selection, replica: Replica) -> nn.Module:
 def shard(selection: Selection, replica: Replica) -> tuple[Any, list[list[int]]]:
     """This rank's loader over its contiguous shard of the split, and the sample indices of each
     of its batches (stepwise/data/loaders.py: the shards are disjoint, in sample order)."""
-    from stepwise.data.loaders import eval_loader, shard_batches
+    from stepwise.data.loaders import eval_loader, shard_batches, worker_settings
     from stepwise.loop.precision import param_dtype
 
     cfg = selection.config.data
-    workers: dict[str, Any] = {"num_workers": cfg.num_workers,
-                               "pin_memory": replica.device.type == "cuda"}
-    if cfg.num_workers > 0:
-        workers.update(persistent_workers=False, prefetch_factor=cfg.prefetch_factor)
+    workers = worker_settings(replica.device, cfg.num_workers, cfg.prefetch_factor)
     loader = eval_loader(selection.data, selection.split, selection.batch_size, replica,
                          param_dtype(selection.config.trainer.precision), **workers)
     return loader, shard_batches(selection.samples, selection.batch_size, replica)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from stepwise.data.loaders import eval_loader, split_samples
+from stepwise.data.loaders import eval_loader, split_samples, worker_settings
 from stepwise.run.checkpoint import BEST_FILE, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -27,10 +27,8 @@ def held_out_loader(job: Any, replica: Any):
     """This process's shard of the test split, in validation's batches (None: no test split)."""
     from stepwise.loop.precision import param_dtype
 
-    data_cfg = job.config.data
-    workers = {"num_workers": data_cfg.num_workers, "pin_memory": replica.device.type == "cuda"}
-    if data_cfg.num_workers > 0:
-        workers.update(prefetch_factor=data_cfg.prefetch_factor)
+    workers = worker_settings(replica.device, job.config.data.num_workers,
+                              job.config.data.prefetch_factor)
     return eval_loader(job.data, "test", job.plan.per_device_batch_size * replica.blocks_per_process,
                        replica, param_dtype(job.config.trainer.precision), **workers)
 
