@@ -14,13 +14,14 @@ import socket
 _CHOOSE = random.SystemRandom()  # not the `random` module's state, which training seeds
 
 
-def free_port() -> int:
+def free_port(low: int = 10_000, high: int = 20_000) -> int:
+    """A port in [low, high) that nothing on 127.0.0.1 holds now (keep `high` below 32768)."""
     for _ in range(1000):
-        port = _CHOOSE.randrange(10_000, 20_000)
+        port = _CHOOSE.randrange(low, high)
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
             return port
-    raise RuntimeError("no free port in 10000-19999 on 127.0.0.1")
+    raise RuntimeError(f"no free port in {low}-{high - 1} on 127.0.0.1")

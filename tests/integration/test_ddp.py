@@ -255,19 +255,9 @@ def test_bad_parallel_input(args, env, expected, workdir):
 
 
 def _free_slurm_job_id() -> int:
-    """A job id whose rendezvous port (20000 + id, as stepwise derives it under SLURM) is free."""
-    import random
-    import socket
-
-    for _ in range(100):
-        job_id = random.randrange(1000, 12000)  # ports 21000-31999: below the ephemeral range
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", 20000 + job_id))
-            except OSError:
-                continue
-        return job_id
-    raise RuntimeError("no free port in 21000-31999")
+    """A job id whose rendezvous port (20000 + id, as stepwise derives it under SLURM) is free:
+    ids 1000-11999, ports 21000-31999, below the ephemeral range."""
+    return free_port(21_000, 32_000) - 20_000
 
 
 def test_a_refused_srun_job_waits_for_a_rank_slower_than_the_refusal(workdir):

@@ -24,8 +24,9 @@ def monitored_weights(state: dict[str, Any]) -> tuple[dict[str, Any], str]:
     from stepwise.run.checkpoint import averaged_weights
 
     prefix = state["monitor"].split("/", 1)[0]
-    if prefix.startswith("val_") and (weights := averaged_weights(state, prefix[4:])) is not None:
-        return weights, f", the {prefix[4:]} weights"
+    suffix = prefix.removeprefix("val_")
+    if suffix != prefix and (weights := averaged_weights(state, suffix)) is not None:
+        return weights, f", the {suffix} weights"
     return state["model"], ""
 
 
